@@ -1,0 +1,205 @@
+"""Every exception sqlalchemy-partpool raises, in one place.
+
+The hierarchy has :class:`PartpoolError` at its root, so one ``except`` clause
+catches everything the library raises on purpose.  Where an error means the same
+thing as one of SQLAlchemy's, it subclasses that one too, so that existing
+``except sqlalchemy.exc.TimeoutError`` clauses keep working
+(:class:`PoolTimeout` is one).
+
+Messages name the partition involved and say what to do next.  They never
+contain a password: URLs are rendered with ``hide_password=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+
+__all__ = [
+    "ConfigurationError",
+    "ConnectionReturnError",
+    "NoPartitionForKey",
+    "PartitionUnavailable",
+    "PartpoolError",
+    "PoolClosed",
+    "PoolError",
+    "PoolExhausted",
+    "PoolTimeout",
+    "RoutingError",
+    "ShardKeyMissing",
+    "UnknownPartition",
+]
+
+
+def _names(names: Iterable[str], limit: int = 8) -> str:
+    listed = sorted(names)
+    shown = ", ".join(repr(n) for n in listed[:limit])
+    if len(listed) > limit:
+        shown += f", ... ({len(listed) - limit} more)"
+    return shown or "(none)"
+
+
+class PartpoolError(Exception):
+    """Base class of every error raised by sqlalchemy-partpool.
+
+    :ivar partition: the partition the error concerns, when there is one.
+    """
+
+    partition: str | None
+
+    def __init__(self, message: str, *, partition: str | None = None) -> None:
+        super().__init__(message)
+        self.partition = partition
+
+
+class ConfigurationError(PartpoolError, sa_exc.ArgumentError):
+    """The partition or pool configuration is invalid.
+
+    Raised up front, when the configuration is read or an engine is built, so
+    that a bad setting never surfaces later as a failed query.
+
+    :ivar option: the offending option's name, when one option is at fault.
+    """
+
+    option: str | None
+
+    def __init__(
+        self, message: str, *, partition: str | None = None, option: str | None = None
+    ) -> None:
+        where = f"partition {partition!r}: " if partition is not None else ""
+        super().__init__(where + message, partition=partition)
+        self.option = option
+
+
+class RoutingError(PartpoolError):
+    """A statement or key could not be routed to a partition."""
+
+
+class UnknownPartition(RoutingError, LookupError):
+    """A partition name that the :class:`.ShardedEngine` does not know.
+
+    :ivar known: the partition names that do exist.
+    """
+
+    known: tuple[str, ...]
+
+    def __init__(self, partition: str, known: Iterable[str] = ()) -> None:
+        self.known = tuple(sorted(known))
+        super().__init__(
+            f"unknown partition {partition!r}; known partitions are {_names(self.known)}. "
+            "Check the name, or add the partition to the configuration.",
+            partition=partition,
+        )
+
+    def __str__(self) -> str:
+        # LookupError (via KeyError-like formatting) would repr() the message.
+        return str(self.args[0])
+
+
+class ShardKeyMissing(RoutingError):
+    """An operation needs a shard key (or an explicit partition) and got neither."""
+
+    def __init__(self, message: str | None = None, *, partition: str | None = None) -> None:
+        super().__init__(
+            message
+            or "no shard key given: pass key=<shard key> to route by key, or "
+            "partition=<name> to choose the partition yourself",
+            partition=partition,
+        )
+
+
+class NoPartitionForKey(RoutingError):
+    """The router has no partition for this key (outside every range, not in the lookup).
+
+    :ivar key: the key that could not be routed.
+    """
+
+    key: Any
+
+    def __init__(self, key: Any, router: str, hint: str) -> None:
+        self.key = key
+        super().__init__(f"{router} has no partition for shard key {key!r}: {hint}")
+
+
+class PoolError(PartpoolError):
+    """A problem with a partition's connection pool."""
+
+
+class PoolTimeout(PoolError, sa_exc.TimeoutError):
+    """No connection became free within the pool's ``timeout``.
+
+    Also a :class:`sqlalchemy.exc.TimeoutError`, which is what a plain
+    :class:`~sqlalchemy.pool.QueuePool` raises in the same situation.
+
+    :ivar timeout: the timeout that expired, in seconds.
+    :ivar waited: how long the caller actually waited, in seconds.
+    :ivar max_connections: the partition's connection ceiling.
+    """
+
+    timeout: float
+    waited: float
+    max_connections: int
+
+    def __init__(
+        self, partition: str, *, timeout: float, waited: float, max_connections: int, in_use: int
+    ) -> None:
+        self.timeout = timeout
+        self.waited = waited
+        self.max_connections = max_connections
+        super().__init__(
+            f"partition {partition!r}: no connection free after {waited:.3f}s "
+            f"(timeout {timeout:g}s; {in_use} of max_connections={max_connections} checked out). "
+            "Return connections sooner (use `with` blocks), raise max_connections, "
+            "or raise timeout.",
+            partition=partition,
+        )
+
+
+class PoolExhausted(PoolError, sa_exc.TimeoutError):
+    """More callers are already waiting for a connection than ``max_waiting`` allows.
+
+    Raised at once instead of queueing, so that a traffic spike fails fast
+    rather than piling up waiters.
+    """
+
+    def __init__(self, partition: str, *, waiting: int, max_waiting: int) -> None:
+        self.waiting = waiting
+        self.max_waiting = max_waiting
+        super().__init__(
+            f"partition {partition!r}: {waiting} callers already waiting for a connection "
+            f"(max_waiting={max_waiting}); request rejected. Shed load, or raise "
+            "max_connections or max_waiting.",
+            partition=partition,
+        )
+
+
+class PoolClosed(PoolError, sa_exc.InvalidRequestError):
+    """The pool or :class:`.ShardedEngine` was disposed and cannot hand out connections."""
+
+
+class ConnectionReturnError(PoolError):
+    """A connection was returned that is not checked out from this pool.
+
+    Raised by :meth:`.PartitionedConnectionPool.putconn` for a double return or
+    a connection that came from somewhere else.
+    """
+
+
+class PartitionUnavailable(PartpoolError, sa_exc.SQLAlchemyError):
+    """The partition is marked down; the call fails at once instead of waiting.
+
+    :ivar since: when the partition was marked down (``time.time()``).
+    :ivar cause: a description of the last error seen, password-free.
+    """
+
+    def __init__(self, partition: str, *, since: float | None = None, cause: str = "") -> None:
+        self.since = since
+        self.cause = cause
+        detail = f" (last error: {cause})" if cause else ""
+        super().__init__(
+            f"partition {partition!r} is unavailable{detail}; calls fail fast until the "
+            "background prober reconnects. Retry later or route around it.",
+            partition=partition,
+        )
