@@ -1,7 +1,23 @@
-"""sqlalchemy-partpool: a partitioned PostgreSQL database used as one, through SQLAlchemy."""
+"""sqlalchemy-partpool: a partitioned PostgreSQL database used as one, through SQLAlchemy.
+
+Every partition gets its own pooled :class:`~sqlalchemy.engine.Engine`
+(a :class:`PartitionPool` sized by ``min_connections``/``max_connections``),
+and a :class:`Router` sends each shard key to the partition that owns it::
+
+    from sqlalchemy_partpool import create_sharded_engine
+
+    sharded = create_sharded_engine({"p0": url0, "p1": url1}, max_connections=10)
+    with sharded.connect(key=customer_id) as conn:
+        conn.execute(...)
+"""
 
 from __future__ import annotations
 
+import logging
+
+from .compat import PartitionedConnectionPool
+from .config import Partition, PoolSettings, ShardedConfig, mask_url
+from .engine import NO_KEY, ShardedEngine, create_sharded_engine
 from .errors import (
     ConfigurationError,
     ConnectionReturnError,
@@ -15,22 +31,60 @@ from .errors import (
     RoutingError,
     ShardKeyMissing,
     UnknownPartition,
+    WarmupError,
 )
+from .pool import PartitionPool
+from .routing import (
+    BucketMove,
+    CallableRouter,
+    HashRouter,
+    LookupRouter,
+    PgHashRouter,
+    RangeRouter,
+    Router,
+    make_router,
+    pg_hash,
+)
+from .stats import PoolStats, StatsSnapshot
 
 __version__ = "0.1.0.dev0"
 
+# Quiet by default, like the "sqlalchemy" loggers: applications opt in.
+logging.getLogger("sqlalchemy_partpool").addHandler(logging.NullHandler())
+
 __all__ = [
+    "NO_KEY",
+    "BucketMove",
+    "CallableRouter",
     "ConfigurationError",
     "ConnectionReturnError",
+    "HashRouter",
+    "LookupRouter",
     "NoPartitionForKey",
+    "Partition",
+    "PartitionPool",
     "PartitionUnavailable",
+    "PartitionedConnectionPool",
     "PartpoolError",
+    "PgHashRouter",
     "PoolClosed",
     "PoolError",
     "PoolExhausted",
+    "PoolSettings",
+    "PoolStats",
     "PoolTimeout",
+    "RangeRouter",
+    "Router",
     "RoutingError",
     "ShardKeyMissing",
+    "ShardedConfig",
+    "ShardedEngine",
+    "StatsSnapshot",
     "UnknownPartition",
+    "WarmupError",
     "__version__",
+    "create_sharded_engine",
+    "make_router",
+    "mask_url",
+    "pg_hash",
 ]

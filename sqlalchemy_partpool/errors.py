@@ -30,6 +30,8 @@ __all__ = [
     "RoutingError",
     "ShardKeyMissing",
     "UnknownPartition",
+    "WarmupError",
+    "redact",
 ]
 
 
@@ -203,3 +205,37 @@ class PartitionUnavailable(PartpoolError, sa_exc.SQLAlchemyError):
             "background prober reconnects. Retry later or route around it.",
             partition=partition,
         )
+
+
+class WarmupError(PartpoolError):
+    """Some partitions could not open their ``min_connections`` at start-up.
+
+    Raised by :func:`.create_sharded_engine` (unless
+    ``require_all_partitions=False``) after closing whatever was opened.
+
+    :ivar errors: partition name -> the error it raised.
+    """
+
+    errors: dict[str, BaseException]
+
+    def __init__(self, errors: dict[str, BaseException], describe: dict[str, str]) -> None:
+        self.errors = errors
+        lines = "; ".join(f"{name}: {describe[name]}" for name in sorted(errors))
+        super().__init__(
+            f"{len(errors)} partition(s) could not connect at start-up ({lines}). "
+            "Check the URLs and that the servers are up, or pass "
+            "require_all_partitions=False to start anyway and retry in the background.",
+            partition=next(iter(sorted(errors))) if len(errors) == 1 else None,
+        )
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """Replace every occurrence of each secret in *text* with ``***``.
+
+    Used on driver error messages before they go into our own messages, logs,
+    events or health snapshots.
+    """
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text

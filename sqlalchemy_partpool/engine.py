@@ -1,0 +1,457 @@
+"""ShardedEngine: one pooled SQLAlchemy Engine per partition, and routing between them.
+
+The data path reads top to bottom: a shard key goes to the router, which names
+a partition; the partition's :class:`~sqlalchemy.engine.Engine` hands out a
+connection from its :class:`.PartitionPool`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from types import MappingProxyType
+from typing import Any, Final
+
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import PoolProxiedConnection
+
+from .config import Partition, PartitionsSpec, PoolSettings, ShardedConfig
+from .errors import (
+    ConfigurationError,
+    PoolClosed,
+    RoutingError,
+    ShardKeyMissing,
+    UnknownPartition,
+    WarmupError,
+    redact,
+)
+from .maintenance import Maintenance
+from .pool import PartitionPool
+from .routing import Router, make_router
+from .stats import PoolStats, StatsSnapshot
+
+__all__ = ["ShardedEngine", "create_sharded_engine"]
+
+log = logging.getLogger("sqlalchemy_partpool.engine")
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<no key>"
+
+
+#: Marks "no shard key given", since ``None`` is a key value (and an error).
+NO_KEY: Final = _Missing()
+
+# Defaults for psycopg2 connections, applied unless the user sets them: a
+# bounded connect so a dead partition cannot hang a caller, and an
+# application_name so each partition's connections can be told apart in
+# pg_stat_activity.
+_DEFAULT_CONNECT_TIMEOUT = 10
+
+
+class ShardedEngine:
+    """A partitioned PostgreSQL database used as one: an Engine per partition plus a router.
+
+    Build one with :func:`create_sharded_engine`.  Every partition's engine is
+    an ordinary :class:`~sqlalchemy.engine.Engine` whose pool is a
+    :class:`.PartitionPool` sized from that partition's settings.
+
+    Engines are created when first needed (at once unless ``lazy``), so a
+    thousand partitions cost nothing until used.  A background thread keeps
+    each pool at its minimum and closes idle connections above it.
+
+    Use it as a context manager, or call :meth:`dispose` when done.
+    """
+
+    def __init__(self, config: ShardedConfig) -> None:
+        """Build the engine from a validated configuration; opens no connection.
+
+        :param config: the configuration.
+        :raises ConfigurationError: if the router does not fit the partitions.
+        """
+        self.config = config
+        self._partitions: Mapping[str, Partition] = MappingProxyType(
+            {p.name: p for p in config.partitions}
+        )
+        self._settings: dict[str, PoolSettings] = {
+            p.name: p.settings(config.pool) for p in config.partitions
+        }
+        self._stats = {name: PoolStats(name) for name in self._partitions}
+        self._router: Router = make_router(config.router, config.names)
+        self._engines: dict[str, Engine] = {}
+        self._engines_lock = threading.Lock()
+        self._closed = False
+        self._maintenance = Maintenance(
+            self._live_pools,
+            interval=_maintenance_interval(self._settings.values()),
+            workers=min(4, len(self._partitions)),
+            redact=self.describe_error,
+        )
+
+    # -- partitions and routing ------------------------------------------------------
+
+    @property
+    def partitions(self) -> Mapping[str, Partition]:
+        """The partitions by name, in configuration order (read-only)."""
+        return self._partitions
+
+    @property
+    def router(self) -> Router:
+        """The router that maps shard keys to partition names."""
+        return self._router
+
+    def partition_for(self, key: Any) -> str:
+        """The name of the partition that owns shard key *key*.
+
+        :raises ShardKeyMissing: if *key* is ``None``.
+        :raises RoutingError: if the router cannot place the key.
+        """
+        return self._router.route(key)
+
+    def resolve(self, key: Any = NO_KEY, partition: str | None = None) -> str:
+        """The partition to use for a call given a shard key and/or a partition name.
+
+        With both, the key must route to that partition (a cheap guard against
+        writing a row where it does not belong).
+
+        :raises ShardKeyMissing: if neither is given, or the key is ``None``.
+        :raises UnknownPartition: if the partition does not exist.
+        :raises RoutingError: if the key routes to another partition.
+        """
+        if partition is not None:
+            if partition not in self._partitions:
+                raise UnknownPartition(partition, self._partitions)
+            if key is not NO_KEY:
+                routed = self._router.route(key)
+                if routed != partition:
+                    raise RoutingError(
+                        f"shard key {key!r} belongs to partition {routed!r}, not {partition!r}; "
+                        "pass only one of key= and partition=",
+                        partition=partition,
+                    )
+            return partition
+        if key is NO_KEY:
+            raise ShardKeyMissing()
+        return self._router.route(key)
+
+    # -- engines -----------------------------------------------------------------------
+
+    def engine(self, name: str) -> Engine:
+        """The :class:`~sqlalchemy.engine.Engine` of partition *name*.
+
+        :raises UnknownPartition: if there is no such partition.
+        :raises PoolClosed: if this ShardedEngine was disposed.
+        """
+        engine = self._engines.get(name)
+        if engine is not None:
+            return engine
+        if name not in self._partitions:
+            raise UnknownPartition(name, self._partitions)
+        with self._engines_lock:
+            self._check_open()
+            engine = self._engines.get(name)
+            if engine is None:
+                engine = self._create_engine(self._partitions[name])
+                self._engines[name] = engine
+        return engine
+
+    def engines(self) -> Iterator[tuple[str, Engine]]:
+        """``(name, engine)`` for every partition, creating engines as needed."""
+        for name in self._partitions:
+            yield name, self.engine(name)
+
+    def _create_engine(self, partition: Partition) -> Engine:
+        settings = self._settings[partition.name]
+        options: dict[str, Any] = {**self.config.engine_options, **partition.engine_options}
+        connect_args = dict(options.pop("connect_args", {}) or {})
+        if partition.url.get_driver_name() == "psycopg2":
+            connect_args.setdefault("connect_timeout", _DEFAULT_CONNECT_TIMEOUT)
+            connect_args.setdefault("application_name", f"partpool/{partition.name}")
+        try:
+            return create_engine(
+                partition.url,
+                poolclass=PartitionPool,
+                connect_args=connect_args,
+                pool_timeout=settings.timeout,
+                pool_pre_ping=settings.pre_ping,
+                pool_use_lifo=settings.use_lifo,
+                min_connections=settings.min_connections,
+                max_connections=settings.max_connections,
+                max_idle=settings.max_idle,
+                max_lifetime=settings.max_lifetime,
+                lifetime_jitter=settings.lifetime_jitter,
+                ping_skip_window=settings.ping_skip_window,
+                max_waiting=settings.max_waiting,
+                partition_name=partition.name,
+                stats=self._stats[partition.name],
+                **options,
+            )
+        except (TypeError, ImportError) as exc:
+            raise ConfigurationError(
+                f"cannot create the engine for {partition.safe_url!r}: "
+                f"{self.describe_error(partition.name, exc)}",
+                partition=partition.name,
+            ) from None
+
+    def pool(self, name: str) -> PartitionPool:
+        """The :class:`.PartitionPool` currently serving partition *name*."""
+        pool = self.engine(name).pool
+        assert isinstance(pool, PartitionPool)
+        return pool
+
+    def _live_pools(self) -> Iterator[tuple[str, PartitionPool]]:
+        for name, engine in list(self._engines.items()):
+            pool = engine.pool
+            if isinstance(pool, PartitionPool):
+                yield name, pool
+
+    # -- connections -------------------------------------------------------------------
+
+    def connect(self, key: Any = NO_KEY, *, partition: str | None = None) -> Connection:
+        """A :class:`~sqlalchemy.engine.Connection` to the partition of *key* (or *partition*).
+
+        Use it in a ``with`` block so it is always returned to the pool::
+
+            with sharded.connect(key=customer_id) as conn:
+                conn.execute(...)
+                conn.commit()
+
+        :param key: the shard key to route by.
+        :param partition: the partition name, instead of (or to check) the key.
+        :raises ShardKeyMissing: if neither is given.
+        :raises UnknownPartition: for an unknown partition name.
+        :raises PoolTimeout: if no connection frees up within the pool's timeout.
+        """
+        return self.engine(self.resolve(key, partition)).connect()
+
+    def begin(
+        self, key: Any = NO_KEY, *, partition: str | None = None
+    ) -> AbstractContextManager[Connection]:
+        """A connection with a transaction begun, committed at the end of the ``with`` block.
+
+        Like :meth:`sqlalchemy.engine.Engine.begin`: rolled back if the block raises.
+        The transaction stays on one partition.
+
+        :raises ShardKeyMissing: if neither key nor partition is given.
+        """
+        return self.engine(self.resolve(key, partition)).begin()
+
+    def raw_connection(
+        self, key: Any = NO_KEY, *, partition: str | None = None
+    ) -> PoolProxiedConnection:
+        """A pooled DBAPI connection; ``close()`` returns it to the pool."""
+        return self.engine(self.resolve(key, partition)).raw_connection()
+
+    # -- sizing, warm-up and figures ---------------------------------------------------
+
+    def warm_up(self, partitions: list[str] | None = None) -> dict[str, BaseException]:
+        """Open ``min_connections`` on every partition, all partitions in parallel.
+
+        :param partitions: only these; default all.
+        :returns: partition name -> the error of partitions that failed (empty if none).
+        """
+        names = list(self._partitions) if partitions is None else partitions
+        jobs: list[tuple[str, PartitionPool]] = []
+        for name in names:
+            pool = self.pool(name)
+            missing = max(0, pool.min_connections - pool.snapshot().open)
+            jobs.extend((name, pool) for _ in range(missing))
+        errors: dict[str, BaseException] = {}
+        if not jobs:
+            return errors
+        with ThreadPoolExecutor(
+            max_workers=min(32, len(jobs)), thread_name_prefix="partpool-warmup"
+        ) as executor:
+            futures = [(name, executor.submit(pool.fill, 1)) for name, pool in jobs]
+            for name, future in futures:
+                exc = future.exception()
+                if exc is not None and name not in errors:
+                    errors[name] = exc
+        for name, exc in errors.items():
+            log.warning(
+                "partition %r: warm-up failed: %s", name, self.describe_error(name, exc)
+            )
+        return errors
+
+    def resize(
+        self,
+        min_connections: int | None = None,
+        max_connections: int | None = None,
+        *,
+        partition: str | None = None,
+    ) -> None:
+        """Change pool sizes at run time, for one partition or all of them.
+
+        :raises ConfigurationError: if the new sizes are invalid (nothing changes then).
+        :raises UnknownPartition: for an unknown partition name.
+        """
+        names = [self.resolve(partition=partition)] if partition is not None else list(self._partitions)
+        new: dict[str, PoolSettings] = {}
+        for name in names:
+            changes: dict[str, int] = {}
+            if min_connections is not None:
+                changes["min_connections"] = min_connections
+            if max_connections is not None:
+                changes["max_connections"] = max_connections
+            try:
+                new[name] = self._settings[name].replace(**changes)
+            except ConfigurationError as exc:
+                raise ConfigurationError(
+                    str(exc), partition=name, option=exc.option
+                ) from None
+        for name, settings in new.items():
+            self._settings[name] = settings
+            engine = self._engines.get(name)
+            if engine is not None and isinstance(engine.pool, PartitionPool):
+                engine.pool.resize(settings.min_connections, settings.max_connections)
+        self._maintenance.wake()
+
+    def stats(self) -> dict[str, StatsSnapshot]:
+        """A snapshot of every partition's pool figures, by partition name.
+
+        Partitions whose engine has not been created yet (``lazy``) report zeros.
+        """
+        result: dict[str, StatsSnapshot] = {}
+        for name in self._partitions:
+            engine = self._engines.get(name)
+            if engine is not None and isinstance(engine.pool, PartitionPool):
+                result[name] = engine.pool.snapshot()
+            else:
+                settings = self._settings[name]
+                result[name] = self._stats[name].snapshot(
+                    open=0,
+                    idle=0,
+                    checked_out=0,
+                    waiting=0,
+                    min_connections=settings.min_connections,
+                    max_connections=settings.max_connections,
+                )
+        return result
+
+    def describe_error(self, partition: str, exc: BaseException) -> str:
+        """A one-line, password-free description of *exc* raised for *partition*."""
+        p = self._partitions.get(partition)
+        secrets = [p.url.password] if p is not None and p.url.password else []
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return redact(f"{type(exc).__name__}: {text}".rstrip(": "), map(str, secrets))
+
+    # -- lifetime ----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PoolClosed(
+                "this ShardedEngine was disposed; create a new one to connect again"
+            )
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`dispose` was called."""
+        return self._closed
+
+    def dispose(self) -> None:
+        """Close every pooled connection and stop the background threads.
+
+        Unlike :meth:`sqlalchemy.engine.Engine.dispose`, this is final:
+        connections checked out now are closed when returned, and later calls
+        raise :class:`.PoolClosed`.  Safe to call twice.
+        """
+        with self._engines_lock:
+            if self._closed:
+                return
+            self._closed = True
+            engines = list(self._engines.items())
+        self._maintenance.stop()
+        for _, engine in engines:
+            pool = engine.pool
+            if isinstance(pool, PartitionPool):
+                pool.close()
+            else:  # pragma: no cover - a user replaced the pool
+                engine.dispose()
+        log.info("sharded engine disposed (%d partitions)", len(self._partitions))
+
+    def __enter__(self) -> ShardedEngine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.dispose()
+
+    def __repr__(self) -> str:
+        names = list(self._partitions)
+        shown = ", ".join(repr(n) for n in names[:6]) + (", ..." if len(names) > 6 else "")
+        state = " disposed" if self._closed else ""
+        return f"<ShardedEngine{state} partitions=[{shown}] ({len(names)}) router={self._router!r}>"
+
+
+def _maintenance_interval(settings: Any) -> float:
+    # Tick often enough that idle connections close within ~25% of max_idle,
+    # but never busier than 20 Hz nor lazier than once a second.
+    shortest = min(
+        (s.max_idle for s in settings if s.max_idle is not None), default=4.0
+    )
+    return max(0.05, min(1.0, shortest / 4))
+
+
+def create_sharded_engine(
+    partitions: PartitionsSpec | ShardedConfig,
+    *,
+    router: Any = None,
+    lazy: bool = False,
+    engine_options: Mapping[str, Any] | None = None,
+    require_all_partitions: bool = True,
+    **pool_options: Any,
+) -> ShardedEngine:
+    """Create a :class:`ShardedEngine`: a pooled engine per partition and a router.
+
+    ::
+
+        sharded = create_sharded_engine(
+            {"p0": "postgresql+psycopg2://app@db0/app",
+             "p1": "postgresql+psycopg2://app@db1/app"},
+            min_connections=1, max_connections=10,
+        )
+        with sharded.connect(key=42) as conn:
+            ...
+
+    :param partitions: ``{name: url}``, ``{name: {"url": ..., <pool options>}}``,
+      a list of :class:`.Partition`, or a :class:`.ShardedConfig` (then the other
+      arguments must be left at their defaults).
+    :param router: how keys map to partitions: ``None``/``"hash"`` (virtual
+      buckets), ``"pg_hash"`` (PostgreSQL's hash partitioning), a dict with
+      ``strategy``, a :class:`.Router`, or any callable ``key -> name``.
+    :param lazy: open no connection now; by default ``min_connections`` are
+      opened on every partition, all in parallel, before this returns.
+    :param engine_options: extra :func:`~sqlalchemy.create_engine` keywords for
+      every partition (per-partition ones go in the partition's entry).
+    :param require_all_partitions: when not lazy, raise :class:`.WarmupError`
+      if any partition cannot open its minimum; with False, log a warning and
+      let the background maintenance keep trying.
+    :param pool_options: default :class:`.PoolSettings` for every partition:
+      ``min_connections``, ``max_connections``, ``timeout``, ``max_idle``,
+      ``max_lifetime``, ``lifetime_jitter``, ``pre_ping``, ``ping_skip_window``,
+      ``use_lifo``, ``max_waiting``.
+    :raises ConfigurationError: on any invalid setting, before connecting.
+    :raises WarmupError: see ``require_all_partitions``.
+    """
+    if isinstance(partitions, ShardedConfig):
+        if router is not None or engine_options or pool_options or lazy:
+            raise ConfigurationError(
+                "pass either a ShardedConfig or keyword settings, not both"
+            )
+        config = partitions
+    else:
+        config = ShardedConfig.build(
+            partitions, router=router, engine_options=engine_options, lazy=lazy, **pool_options
+        )
+    sharded = ShardedEngine(config)
+    if not config.lazy:
+        errors = sharded.warm_up()
+        if errors and require_all_partitions:
+            described = {name: sharded.describe_error(name, exc) for name, exc in errors.items()}
+            sharded.dispose()
+            raise WarmupError(errors, described)
+    return sharded
