@@ -81,7 +81,9 @@ def format_table(snapshots: dict[str, StatsSnapshot]) -> str:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))
+        )
         for r in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -241,4 +243,3 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         print(f"partpool: error: {exc}", file=sys.stderr)
         return 1
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
-    return 2  # pragma: no cover

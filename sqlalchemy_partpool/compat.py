@@ -34,7 +34,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.pool import PoolProxiedConnection
 
@@ -170,7 +170,7 @@ class PartitionedConnectionPool:
         if getattr(conn, "autocommit", False):
             # psycopg2 refuses to change autocommit inside a transaction; with
             # autocommit on there is none, so this cannot fail.
-            conn.autocommit = False
+            cast(Any, conn).autocommit = False
         # The pool's reset-on-return rolls back an open or failed transaction.
         proxy.close()
 

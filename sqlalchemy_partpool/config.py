@@ -22,7 +22,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeAlias
 
 from sqlalchemy.engine import URL, make_url
 
@@ -244,8 +244,9 @@ class Partition:
 
     def __post_init__(self) -> None:
         _check_name(self.name)
-        if not isinstance(self.url, URL):
-            object.__setattr__(self, "url", _parse_url(self.name, self.url))
+        url: object = self.url  # a str is accepted too, and parsed here
+        if not isinstance(url, URL):
+            object.__setattr__(self, "url", _parse_url(self.name, url))
         _check_engine_options(self.engine_options, self.name)
         _check_option_names(self.pool, _POOL_OPTIONS, self.name, "pool option")
 
@@ -272,8 +273,10 @@ class Partition:
         return f"Partition({self.name!r}, {self.safe_url!r}{extra})"
 
 
-PartitionSpec = Union[Partition, URL, str, Mapping[str, Any]]
-PartitionsSpec = Union[Mapping[str, PartitionSpec], Sequence[Union[Partition, Mapping[str, Any]]]]
+#: One partition's description: a Partition, a URL, or a dict with ``url`` and options.
+PartitionSpec: TypeAlias = "Partition | URL | str | Mapping[str, Any]"
+#: ``{name: PartitionSpec}`` or a list of Partitions / dicts with a ``name``.
+PartitionsSpec: TypeAlias = "Mapping[str, PartitionSpec] | Sequence[Partition | Mapping[str, Any]]"
 
 
 @dataclass(frozen=True, repr=False)
@@ -311,8 +314,9 @@ class ShardedConfig:
             seen.add(p.name)
             p.settings(self.pool)  # validates the merged settings now, not at first use
         _check_engine_options(self.engine_options, None)
-        if not isinstance(self.lazy, bool):
-            raise ConfigurationError(f"lazy must be true or false, got {self.lazy!r}")
+        lazy: object = self.lazy
+        if not isinstance(lazy, bool):
+            raise ConfigurationError(f"lazy must be true or false, got {lazy!r}")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -417,7 +421,9 @@ class ShardedConfig:
         except FileNotFoundError:
             raise ConfigurationError(f"configuration file {str(p)!r} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigurationError(f"configuration file {str(p)!r} is not valid TOML: {exc}") from None
+            raise ConfigurationError(
+                f"configuration file {str(p)!r} is not valid TOML: {exc}"
+            ) from None
         return cls.from_dict(data)
 
     @classmethod

@@ -273,9 +273,7 @@ class ShardedEngine:
                 if exc is not None and name not in errors:
                     errors[name] = exc
         for name, exc in errors.items():
-            log.warning(
-                "partition %r: warm-up failed: %s", name, self.describe_error(name, exc)
-            )
+            log.warning("partition %r: warm-up failed: %s", name, self.describe_error(name, exc))
         return errors
 
     def resize(
@@ -290,7 +288,9 @@ class ShardedEngine:
         :raises ConfigurationError: if the new sizes are invalid (nothing changes then).
         :raises UnknownPartition: for an unknown partition name.
         """
-        names = [self.resolve(partition=partition)] if partition is not None else list(self._partitions)
+        names = (
+            [self.resolve(partition=partition)] if partition is not None else list(self._partitions)
+        )
         new: dict[str, PoolSettings] = {}
         for name in names:
             changes: dict[str, int] = {}
@@ -301,9 +301,7 @@ class ShardedEngine:
             try:
                 new[name] = self._settings[name].replace(**changes)
             except ConfigurationError as exc:
-                raise ConfigurationError(
-                    str(exc), partition=name, option=exc.option
-                ) from None
+                raise ConfigurationError(str(exc), partition=name, option=exc.option) from None
         for name, settings in new.items():
             self._settings[name] = settings
             engine = self._engines.get(name)
@@ -344,9 +342,7 @@ class ShardedEngine:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise PoolClosed(
-                "this ShardedEngine was disposed; create a new one to connect again"
-            )
+            raise PoolClosed("this ShardedEngine was disposed; create a new one to connect again")
 
     @property
     def closed(self) -> bool:
@@ -390,9 +386,7 @@ class ShardedEngine:
 def _maintenance_interval(settings: Any) -> float:
     # Tick often enough that idle connections close within ~25% of max_idle,
     # but never busier than 20 Hz nor lazier than once a second.
-    shortest = min(
-        (s.max_idle for s in settings if s.max_idle is not None), default=4.0
-    )
+    shortest = min((s.max_idle for s in settings if s.max_idle is not None), default=4.0)
     return max(0.05, min(1.0, shortest / 4))
 
 
@@ -439,9 +433,7 @@ def create_sharded_engine(
     """
     if isinstance(partitions, ShardedConfig):
         if router is not None or engine_options or pool_options or lazy:
-            raise ConfigurationError(
-                "pass either a ShardedConfig or keyword settings, not both"
-            )
+            raise ConfigurationError("pass either a ShardedConfig or keyword settings, not both")
         config = partitions
     else:
         config = ShardedConfig.build(

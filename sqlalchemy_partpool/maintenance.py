@@ -49,7 +49,7 @@ class Maintenance:
         self.interval = interval
         self._redact = redact
         self._wake = threading.Event()
-        self._stopping = False
+        self._stopping = threading.Event()
         self._executor = ThreadPoolExecutor(
             max_workers=max(1, workers), thread_name_prefix="partpool-filler"
         )
@@ -57,9 +57,7 @@ class Maintenance:
         self._retry_at: dict[str, float] = {}
         self._backoff: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._thread = threading.Thread(
-            target=self._run, name="partpool-maintenance", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name="partpool-maintenance", daemon=True)
         self._thread.start()
 
     def wake(self) -> None:
@@ -68,7 +66,7 @@ class Maintenance:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the thread and the workers; wait up to *timeout* seconds for them."""
-        self._stopping = True
+        self._stopping.set()
         self._wake.set()
         self._thread.join(timeout)
         # A worker may be blocked in a connect attempt; it finishes on its own
@@ -76,10 +74,10 @@ class Maintenance:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
-        while not self._stopping:
+        while not self._stopping.is_set():
             self._wake.wait(self.interval)
             self._wake.clear()
-            if self._stopping:
+            if self._stopping.is_set():
                 break
             try:
                 self.tick()

@@ -188,17 +188,17 @@ class PartitionPool(QueuePool):
 
         # Every connection attempt (first open, recycle, reconnect after an
         # invalidation) goes through here, so opens and failures are counted once.
-        def invoke(record: ConnectionPoolEntry | None) -> DBAPIConnection:
+        def invoke(rec: ConnectionPoolEntry) -> DBAPIConnection:
             try:
-                connection = inner(record)
+                connection = inner(rec)
             except BaseException:
                 with self._lock:
                     self.stats.connect_errors += 1
                 raise
             with self._lock:
                 self.stats.connections_opened += 1
-            if isinstance(record, _PartitionRecord):
-                record.expires_at = self._lifetime_deadline()
+            if isinstance(rec, _PartitionRecord):
+                rec.expires_at = self._lifetime_deadline()
             return connection
 
         return invoke
@@ -333,12 +333,7 @@ class PartitionPool(QueuePool):
                 # invalidated or detached: the slot is free again
                 self._release_slot_locked()
                 return
-            if (
-                self._closed
-                or self._retired
-                or self._open > self._max
-                or record.expires_at <= now
-            ):
+            if self._closed or self._retired or self._open > self._max or record.expires_at <= now:
                 close = True
                 self._release_slot_locked()
             elif self._waiters:
@@ -425,9 +420,7 @@ class PartitionPool(QueuePool):
             now = monotonic()
             idle = self._idle
             invalid_before = self._invalidate_time
-            if idle and (
-                self._max_lifetime is not None or invalid_before
-            ):
+            if idle and (self._max_lifetime is not None or invalid_before):
                 keep: deque[_PartitionRecord] = deque()
                 for record in idle:
                     if record.expires_at <= now or record.starttime < invalid_before:
@@ -456,7 +449,9 @@ class PartitionPool(QueuePool):
             self._close_records(to_close)
         return missing
 
-    def resize(self, min_connections: int | None = None, max_connections: int | None = None) -> None:
+    def resize(
+        self, min_connections: int | None = None, max_connections: int | None = None
+    ) -> None:
         """Change the pool's minimum and/or maximum while it is in use.
 
         A larger maximum lets waiting callers open connections at once; a smaller

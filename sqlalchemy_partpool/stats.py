@@ -17,7 +17,7 @@ __all__ = ["WAIT_BUCKETS", "PoolStats", "StatsSnapshot"]
 # Upper bounds (seconds) of the checkout-wait histogram buckets: "no wait" and
 # then powers of two from ~1 microsecond to ~2 minutes.  Log-spaced buckets give
 # percentiles within a factor of two at any scale for a fixed, small cost.
-WAIT_BUCKETS: tuple[float, ...] = (0.0,) + tuple(2.0**e for e in range(-20, 8))
+WAIT_BUCKETS: tuple[float, ...] = (0.0, *(2.0**e for e in range(-20, 8)))
 _MIN_EXP = -20
 
 
@@ -115,8 +115,7 @@ class PoolStats:
         self.wait_hist[_bucket_index(seconds)] += 1
         if seconds > 0.0:
             self.wait_time_total += seconds
-            if seconds > self.wait_max:
-                self.wait_max = seconds
+            self.wait_max = max(self.wait_max, seconds)
 
     def wait_percentile(self, q: float) -> float:
         """Checkout wait at quantile *q* (0..1), to within a factor of two.

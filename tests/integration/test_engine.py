@@ -1,4 +1,4 @@
-"""ShardedEngine against real databases: routing lands rows on the right partition, errors are typed."""
+"""ShardedEngine on real databases: rows land on the right partition, errors are typed."""
 
 from __future__ import annotations
 
@@ -153,13 +153,21 @@ def test_passwords_never_appear_in_reprs_logs_stats_or_errors(pg_admin_url, make
 def test_engine_options_pass_through_for_all_and_per_partition(make_databases):
     urls = make_databases(2)
     sharded = create_sharded_engine(
-        {"p0": urls[0], "p1": {"url": urls[1], "engine_options": {"connect_args": {"application_name": "custom"}}}},
+        {
+            "p0": urls[0],
+            "p1": {
+                "url": urls[1],
+                "engine_options": {"connect_args": {"application_name": "custom"}},
+            },
+        },
         engine_options={"execution_options": {"isolation_level": "REPEATABLE READ"}},
         lazy=True,
     )
     try:
         with sharded.connect(partition="p0") as conn:
-            assert conn.execute(text("SHOW transaction_isolation")).scalar_one() == "repeatable read"
+            assert (
+                conn.execute(text("SHOW transaction_isolation")).scalar_one() == "repeatable read"
+            )
             assert conn.execute(text("SHOW application_name")).scalar_one() == "partpool/p0"
         with sharded.connect(partition="p1") as conn:
             assert conn.execute(text("SHOW application_name")).scalar_one() == "custom"

@@ -172,7 +172,9 @@ def test_no_leak_after_thousands_of_operations_with_random_exceptions(sharded_fa
             except (RuntimeError, ValueError, Exception):
                 failures += 1
 
-    threads = [threading.Thread(target=work, args=(rng.random(), operations // 6)) for _ in range(6)]
+    threads = [
+        threading.Thread(target=work, args=(rng.random(), operations // 6)) for _ in range(6)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -278,7 +280,11 @@ def test_plain_create_engine_with_partition_pool(pg_admin_url):
     from sqlalchemy import create_engine
 
     engine = create_engine(
-        pg_admin_url, poolclass=PartitionPool, min_connections=0, max_connections=2, pool_timeout=0.3
+        pg_admin_url,
+        poolclass=PartitionPool,
+        min_connections=0,
+        max_connections=2,
+        pool_timeout=0.3,
     )
     try:
         with engine.connect() as a, engine.connect() as b:

@@ -46,7 +46,11 @@ def test_partition_overrides_inherit_the_rest():
 @pytest.mark.parametrize(
     ("kwargs", "fragment", "option"),
     [
-        ({"min_connections": 5, "max_connections": 2}, "greater than max_connections", "min_connections"),
+        (
+            {"min_connections": 5, "max_connections": 2},
+            "greater than max_connections",
+            "min_connections",
+        ),
         ({"min_connections": -1}, "must not be negative", "min_connections"),
         ({"max_connections": 0}, "at least 1", "max_connections"),
         ({"max_connections": 2.5}, "whole number", "max_connections"),
@@ -235,7 +239,10 @@ def test_from_env_toml_with_overrides(tmp_path):
         ({}, "PARTPOOL_PARTITIONS"),
         ({"PARTPOOL_PARTITIONS": "justaname"}, "not of the form name=url"),
         ({"PARTPOOL_PARTITIONS": f"a={URL0} a={URL1}"}, "duplicate"),
-        ({"PARTPOOL_PARTITIONS": f"a={URL0}", "PARTPOOL_MAX_CONNECTIONS": "ten"}, "not a valid value"),
+        (
+            {"PARTPOOL_PARTITIONS": f"a={URL0}", "PARTPOOL_MAX_CONNECTIONS": "ten"},
+            "not a valid value",
+        ),
         ({"PARTPOOL_PARTITIONS": f"a={URL0}", "PARTPOOL_PRE_PING": "maybe"}, "not a valid value"),
     ],
 )
