@@ -12,7 +12,7 @@ import time
 import pytest
 from sqlalchemy import text
 
-from sqlalchemy_partpool import PartitionPool, PoolClosed, PoolTimeout
+from sqlalchemy_partpool import PartitionPool, PoolClosed, PoolExhausted, PoolTimeout
 
 
 def test_exactly_min_connections_per_partition_after_start(sharded_factory, server):
@@ -311,3 +311,25 @@ def test_dispose_closes_everything_and_is_final(sharded_factory, server):
         sharded.connect(partition="p0")
     sharded.dispose()  # twice is fine
     assert not sharded._maintenance._thread.is_alive()
+
+
+def test_max_waiting_rejects_at_once_with_pool_exhausted(sharded_factory):
+    sharded, _ = sharded_factory(1, min_connections=1, max_connections=1, max_waiting=1, timeout=5)
+    holder = sharded.connect(partition="p0")
+    holder.execute(text("SELECT 1"))
+    waiter = threading.Thread(target=lambda: sharded.connect(partition="p0").close())
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while sharded.stats()["p0"].waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    started = time.monotonic()
+    with pytest.raises(PoolExhausted) as info:
+        sharded.connect(partition="p0")
+    assert time.monotonic() - started < 0.5  # rejected, not queued
+    assert info.value.partition == "p0"
+    assert "max_waiting=1" in str(info.value)
+    holder.close()
+    waiter.join(5)
+    snap = sharded.stats()["p0"]
+    assert snap.exhausted == 1
+    assert snap.checkouts == snap.checkins == 2
