@@ -26,7 +26,7 @@ from typing import TextIO
 
 from sqlalchemy import text
 
-from .config import ENV_CONFIG, ENV_PARTITIONS, ShardedConfig, mask_url
+from .config import ENV_CONFIG, ENV_PARTITIONS, ShardedConfig
 from .engine import ShardedEngine, create_sharded_engine
 from .errors import PartpoolError
 from .stats import StatsSnapshot
@@ -35,7 +35,7 @@ __all__ = ["main"]
 
 log = logging.getLogger("sqlalchemy_partpool.cli")
 
-ENV_URL = "PARTPOOL_URL"
+ENV_URL = "PARTPOOL_URL"  # same as sqlalchemy_partpool.testing.URL_ENV
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,39 +97,16 @@ def _demo_partitions(args: argparse.Namespace, out: TextIO) -> Iterator[ShardedC
         print(f"Using the {len(config.partitions)} configured partitions.", file=out)
         yield config
         return
+    from .testing.databases import scratch_partitions
 
-    from .testing.postgres import ExistingServer, PostgresServer, Server, unique_name
-
-    url = args.url or os.environ.get(ENV_URL)
-    server: Server
-    owned: PostgresServer | None = None
-    if url:
-        server = ExistingServer(url)
-        print(f"Using the PostgreSQL server at {mask_url(url)}.", file=out)
-    else:
-        print("No PostgreSQL URL given: starting an embedded throwaway server ...", file=out)
-        owned = PostgresServer(max_connections=100)
-        owned.start()
-        server = owned
-        print(f"  started {owned.version} on 127.0.0.1:{owned.port}", file=out)
-    databases: list[str] = []
-    try:
-        prefix = unique_name("partpool_demo")
-        urls = []
-        for i in range(args.partitions):
-            databases.append(f"{prefix}_p{i}")
-            urls.append(server.create_database(databases[-1]))
+    if not (args.url or os.environ.get(ENV_URL)):
+        print("No PostgreSQL URL given: starting an embedded throwaway server.", file=out)
+    with scratch_partitions(
+        args.partitions, url=args.url, prefix="partpool_demo", announce=True
+    ) as partitions:
         yield ShardedConfig.build(
-            {f"p{i}": url for i, url in enumerate(urls)},
-            min_connections=1,
-            max_connections=args.max_connections,
+            partitions, min_connections=1, max_connections=args.max_connections
         )
-    finally:
-        for db in databases:
-            with contextlib.suppress(Exception):
-                server.drop_database(db)
-        if owned is not None:
-            owned.cleanup()
 
 
 def run_demo(args: argparse.Namespace, out: TextIO) -> int:

@@ -17,6 +17,7 @@ while the library itself is broken.
 
 from __future__ import annotations
 
+from .databases import URL_ENV, scratch_partitions
 from .postgres import (
     BINDIR_ENV,
     OS_USER_ENV,
@@ -38,6 +39,7 @@ __all__ = [
     "BINDIR_ENV",
     "OS_USER_ENV",
     "TEST_URL_ENV",
+    "URL_ENV",
     "DatabaseFactory",
     "ExistingServer",
     "FaultProxy",
@@ -51,5 +53,6 @@ __all__ = [
     "discover_server",
     "find_pg_bindir",
     "free_port",
+    "scratch_partitions",
     "unique_name",
 ]
