@@ -158,7 +158,10 @@ class PartitionPool(QueuePool):
         # QueuePool.__init__ is skipped on purpose: its queue and overflow counter
         # are replaced by the bookkeeping below.
         Pool.__init__(self, creator, **kw)
-        self._lock = threading.Lock()
+        # Re-entrant, like SQLAlchemy's own queue: the garbage collector may
+        # return a leaked connection (the fairy's finalizer) from inside any
+        # allocation, including one made while this thread holds the lock.
+        self._lock = threading.RLock()
         self._idle: deque[_PartitionRecord] = deque()
         self._waiters: deque[_Waiter] = deque()
         # connections that exist or are being opened; never above _max
@@ -421,14 +424,11 @@ class PartitionPool(QueuePool):
             idle = self._idle
             invalid_before = self._invalidate_time
             if idle and (self._max_lifetime is not None or invalid_before):
-                keep: deque[_PartitionRecord] = deque()
-                for record in idle:
+                # removed in place: a re-entrant return (see _lock) may append meanwhile
+                for record in list(idle):
                     if record.expires_at <= now or record.starttime < invalid_before:
+                        idle.remove(record)
                         to_close.append(record)
-                    else:
-                        keep.append(record)
-                if to_close:
-                    self._idle = idle = keep
             if self._max_idle is not None:
                 # oldest returned are on the left in both LIFO and FIFO order
                 floor = self._min

@@ -5,6 +5,7 @@ Connection counts are read from the server (pg_stat_activity), not from the pool
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 import time
@@ -332,4 +333,20 @@ def test_max_waiting_rejects_at_once_with_pool_exhausted(sharded_factory):
     waiter.join(5)
     snap = sharded.stats()["p0"]
     assert snap.exhausted == 1
+    assert snap.checkouts == snap.checkins == 2
+
+
+def test_a_connection_dropped_without_close_goes_back_to_the_pool(sharded_factory):
+    sharded, _ = sharded_factory(1, min_connections=0, max_connections=1, timeout=2)
+
+    def leak() -> None:
+        conn = sharded.connect(partition="p0")
+        conn.execute(text("SELECT 1"))  # and never closed
+
+    leak()
+    gc.collect()
+    with sharded.connect(partition="p0") as conn:  # max 1: it must have come back
+        assert conn.execute(text("SELECT 1")).scalar_one() == 1
+    snap = sharded.stats()["p0"]
+    assert snap.checked_out == 0
     assert snap.checkouts == snap.checkins == 2
