@@ -28,11 +28,14 @@ from .errors import (
     PoolError,
     PoolExhausted,
     PoolTimeout,
+    QueryTimeout,
     RoutingError,
     ShardKeyMissing,
     UnknownPartition,
     WarmupError,
 )
+from .events import PartitionEvent, ShardedEngineEvents
+from .health import PartitionHealth, PartitionState
 from .pool import PartitionPool
 from .routing import (
     BucketMove,
@@ -62,7 +65,10 @@ __all__ = [
     "LookupRouter",
     "NoPartitionForKey",
     "Partition",
+    "PartitionEvent",
+    "PartitionHealth",
     "PartitionPool",
+    "PartitionState",
     "PartitionUnavailable",
     "PartitionedConnectionPool",
     "PartpoolError",
@@ -73,12 +79,14 @@ __all__ = [
     "PoolSettings",
     "PoolStats",
     "PoolTimeout",
+    "QueryTimeout",
     "RangeRouter",
     "Router",
     "RoutingError",
     "ShardKeyMissing",
     "ShardedConfig",
     "ShardedEngine",
+    "ShardedEngineEvents",
     "StatsSnapshot",
     "UnknownPartition",
     "WarmupError",

@@ -120,6 +120,26 @@ class PoolSettings:
       ``pool_use_lifo``); default True.
     :param max_waiting: how many callers may wait for a connection at once;
       one more raises :class:`.PoolExhausted` at once.  0 (default) means no limit.
+    :param connect_timeout: seconds a new connection may take to open
+      (libpq ``connect_timeout``, whole seconds, at least 1); default 10.
+      ``None`` leaves the driver's default (wait forever).
+    :param statement_timeout: server-side limit on each statement, set on
+      every connection (PostgreSQL ``statement_timeout``); default ``None``.
+    :param query_timeout: client-side limit on each statement, commit and
+      rollback: past it the connection's socket is shut down, so even a hung
+      server cannot block a caller; default ``None``.  Set it a little above
+      ``statement_timeout`` so the server normally cancels first.
+    :param ping_timeout: client-side limit on a pre-ping or keepalive ping; default 5.
+    :param keepalive_time: seconds after which an idle connection is pinged in
+      the background, so a firewall that silently dropped it is noticed before
+      a caller gets it (HikariCP's ``keepaliveTime``); default 120, ``None`` never.
+    :param leak_threshold: seconds a connection may stay checked out before it
+      is reported as a suspected leak, with the stack that took it; default
+      ``None`` (off: capturing the stack costs a few microseconds per checkout).
+    :param down_after: consecutive failed connection attempts that mark a
+      partition down (checkouts then fail fast); default 3.
+    :param probe_max_interval: longest pause between the prober's attempts to
+      reach a partition that is down; default 1.0 s.
     """
 
     min_connections: int = 1
@@ -132,6 +152,14 @@ class PoolSettings:
     ping_skip_window: float = 0.5
     use_lifo: bool = True
     max_waiting: int = 0
+    connect_timeout: float | None = 10.0
+    statement_timeout: float | None = None
+    query_timeout: float | None = None
+    ping_timeout: float = 5.0
+    keepalive_time: float | None = 120.0
+    leak_threshold: float | None = None
+    down_after: int = 3
+    probe_max_interval: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -154,7 +182,7 @@ class PoolSettings:
         def fail(option: str, message: str) -> ConfigurationError:
             return ConfigurationError(f"{option} {message}", partition=partition, option=option)
 
-        for name in ("min_connections", "max_connections", "max_waiting"):
+        for name in ("min_connections", "max_connections", "max_waiting", "down_after"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise fail(name, f"must be a whole number, got {value!r}")
@@ -162,6 +190,8 @@ class PoolSettings:
                 raise fail(name, f"must not be negative, got {value}")
         if self.max_connections < 1:
             raise fail("max_connections", "must be at least 1")
+        if self.down_after < 1:
+            raise fail("down_after", "must be at least 1")
         if self.min_connections > self.max_connections:
             raise fail(
                 "min_connections",
@@ -174,6 +204,13 @@ class PoolSettings:
             ("max_lifetime", True),
             ("ping_skip_window", False),
             ("lifetime_jitter", False),
+            ("connect_timeout", True),
+            ("statement_timeout", True),
+            ("query_timeout", True),
+            ("ping_timeout", False),
+            ("keepalive_time", True),
+            ("leak_threshold", True),
+            ("probe_max_interval", False),
         ):
             value = getattr(self, name)
             if value is None and allow_none:
@@ -184,10 +221,21 @@ class PoolSettings:
                 raise fail(name, f"must be a finite, non-negative number, got {value!r}")
         if self.timeout <= 0:
             raise fail("timeout", "must be greater than 0 (seconds to wait for a connection)")
-        for name in ("max_idle", "max_lifetime"):
+        for name in (
+            "max_idle",
+            "max_lifetime",
+            "connect_timeout",
+            "statement_timeout",
+            "query_timeout",
+            "keepalive_time",
+            "leak_threshold",
+        ):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise fail(name, "must be greater than 0, or None to disable it")
+        for name in ("ping_timeout", "probe_max_interval"):
+            if getattr(self, name) <= 0:
+                raise fail(name, "must be greater than 0")
         if self.lifetime_jitter >= 1:
             raise fail("lifetime_jitter", "must be a fraction below 1 (0.1 = up to 10% shorter)")
         for name in ("pre_ping", "use_lifo"):

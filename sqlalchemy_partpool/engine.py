@@ -8,14 +8,16 @@ connection from its :class:`.PartitionPool`.
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from types import MappingProxyType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import PoolProxiedConnection
 
@@ -29,10 +31,15 @@ from .errors import (
     WarmupError,
     redact,
 )
+from .health import PartitionHealth
 from .maintenance import Maintenance
 from .pool import PartitionPool
 from .routing import Router, make_router
 from .stats import PoolStats, StatsSnapshot
+from .watchdog import install_query_timeout
+
+if TYPE_CHECKING:
+    from sqlalchemy.event.base import dispatcher
 
 __all__ = ["ShardedEngine", "create_sharded_engine"]
 
@@ -47,14 +54,20 @@ class _Missing:
 #: Marks "no shard key given", since ``None`` is a key value (and an error).
 NO_KEY: Final = _Missing()
 
-# Defaults for psycopg2 connections, applied unless the user sets them: a
-# bounded connect so a dead partition cannot hang a caller, and an
-# application_name so each partition's connections can be told apart in
-# pg_stat_activity.
-_DEFAULT_CONNECT_TIMEOUT = 10
+# TCP settings given to psycopg2 connections unless the user sets them: a peer
+# that vanishes without a FIN/RST (host down, cable cut, a firewall dropping the
+# session) is found in ~60 s on an idle socket (keepalives) and in 30 s when
+# sent data stays unacknowledged (tcp_user_timeout, libpq 12+).
+_TCP_DEFAULTS: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+_TCP_USER_TIMEOUT_MS = 30_000
 
 
-class ShardedEngine:
+class ShardedEngine(event.EventTarget):
     """A partitioned PostgreSQL database used as one: an Engine per partition plus a router.
 
     Build one with :func:`create_sharded_engine`.  Every partition's engine is
@@ -65,8 +78,13 @@ class ShardedEngine:
     thousand partitions cost nothing until used.  A background thread keeps
     each pool at its minimum and closes idle connections above it.
 
+    Events (:class:`.ShardedEngineEvents`) are registered with
+    ``event.listen(sharded, name, fn)``.
+
     Use it as a context manager, or call :meth:`dispose` when done.
     """
+
+    dispatch: dispatcher[ShardedEngine]
 
     def __init__(self, config: ShardedConfig) -> None:
         """Build the engine from a validated configuration; opens no connection.
@@ -82,6 +100,16 @@ class ShardedEngine:
             p.name: p.settings(config.pool) for p in config.partitions
         }
         self._stats = {name: PoolStats(name) for name in self._partitions}
+        self._health = {
+            p.name: PartitionHealth(
+                p.name,
+                down_after=self._settings[p.name].down_after,
+                probe_max_interval=self._settings[p.name].probe_max_interval,
+                secrets=[p.url.password] if p.url.password else [],
+                dispatch=self.dispatch,
+            )
+            for p in config.partitions
+        }
         self._router: Router = make_router(config.router, config.names)
         self._engines: dict[str, Engine] = {}
         self._engines_lock = threading.Lock()
@@ -90,7 +118,6 @@ class ShardedEngine:
             self._live_pools,
             interval=_maintenance_interval(self._settings.values()),
             workers=min(4, len(self._partitions)),
-            redact=self.describe_error,
         )
 
     # -- partitions and routing ------------------------------------------------------
@@ -170,10 +197,9 @@ class ShardedEngine:
         options: dict[str, Any] = {**self.config.engine_options, **partition.engine_options}
         connect_args = dict(options.pop("connect_args", {}) or {})
         if partition.url.get_driver_name() == "psycopg2":
-            connect_args.setdefault("connect_timeout", _DEFAULT_CONNECT_TIMEOUT)
-            connect_args.setdefault("application_name", f"partpool/{partition.name}")
+            _psycopg2_defaults(connect_args, settings, partition.name)
         try:
-            return create_engine(
+            engine = create_engine(
                 partition.url,
                 poolclass=PartitionPool,
                 connect_args=connect_args,
@@ -187,8 +213,12 @@ class ShardedEngine:
                 lifetime_jitter=settings.lifetime_jitter,
                 ping_skip_window=settings.ping_skip_window,
                 max_waiting=settings.max_waiting,
+                ping_timeout=settings.ping_timeout,
+                keepalive_time=settings.keepalive_time,
+                leak_threshold=settings.leak_threshold,
                 partition_name=partition.name,
                 stats=self._stats[partition.name],
+                health=self._health[partition.name],
                 **options,
             )
         except (TypeError, ImportError) as exc:
@@ -197,6 +227,9 @@ class ShardedEngine:
                 f"{self.describe_error(partition.name, exc)}",
                 partition=partition.name,
             ) from None
+        if settings.query_timeout is not None:
+            install_query_timeout(engine, settings.query_timeout, partition.name)
+        return engine
 
     def pool(self, name: str) -> PartitionPool:
         """The :class:`.PartitionPool` currently serving partition *name*."""
@@ -331,6 +364,51 @@ class ShardedEngine:
                 )
         return result
 
+    def health(self) -> dict[str, Any]:
+        """Every partition's health state and pool figures, as one JSON-serialisable dict.
+
+        ::
+
+            {"time": 1764000000.0,
+             "partitions": {"p0": {"state": "up", "since": ..., "consecutive_failures": 0,
+                                   "last_error": None, "last_check": None,
+                                   "stats": {"open": 2, "idle": 2, ...}}, ...}}
+
+        Cheap enough to serve from a health endpoint: no I/O.
+        """
+        stats = self.stats()
+        return {
+            "time": time.time(),
+            "partitions": {
+                name: {**self._health[name].snapshot(), "stats": stats[name].as_dict()}
+                for name in self._partitions
+            },
+        }
+
+    def partition_state(self, name: str) -> str:
+        """The health state of partition *name*: ``up``, ``suspect``, ``down`` or ``recovering``."""
+        if name not in self._health:
+            raise UnknownPartition(name, self._partitions)
+        return self._health[name].state.value
+
+    def check_health(self, partitions: list[str] | None = None) -> dict[str, bool]:
+        """Actively check partitions (connect, ping, disconnect), all in parallel.
+
+        Emits a ``health_check`` event per partition; a failure counts towards
+        marking the partition down, like any failed connection attempt.
+
+        :param partitions: only these; default all.
+        :returns: partition name -> whether it answered.
+        """
+        names = list(self._partitions) if partitions is None else partitions
+        for name in names:
+            self.engine(name)  # the check needs the partition's pool
+        with ThreadPoolExecutor(
+            max_workers=max(1, min(16, len(names))), thread_name_prefix="partpool-check"
+        ) as executor:
+            results = executor.map(lambda n: self._health[n].check(source="check"), names)
+            return dict(zip(names, results))
+
     def describe_error(self, partition: str, exc: BaseException) -> str:
         """A one-line, password-free description of *exc* raised for *partition*."""
         p = self._partitions.get(partition)
@@ -362,6 +440,8 @@ class ShardedEngine:
             self._closed = True
             engines = list(self._engines.items())
         self._maintenance.stop()
+        for health in self._health.values():
+            health.stop()
         for _, engine in engines:
             pool = engine.pool
             if isinstance(pool, PartitionPool):
@@ -383,11 +463,35 @@ class ShardedEngine:
         return f"<ShardedEngine{state} partitions=[{shown}] ({len(names)}) router={self._router!r}>"
 
 
+def _psycopg2_defaults(connect_args: dict[str, Any], settings: PoolSettings, name: str) -> None:
+    """Fill in psycopg2 connect arguments the user did not set themselves."""
+    import psycopg2
+
+    if settings.connect_timeout is not None:
+        # libpq takes whole seconds; round up so the bound is never shorter
+        connect_args.setdefault("connect_timeout", max(1, math.ceil(settings.connect_timeout)))
+    connect_args.setdefault("application_name", f"partpool/{name}")
+    for key, value in _TCP_DEFAULTS.items():
+        connect_args.setdefault(key, value)
+    if psycopg2.__libpq_version__ >= 120000:
+        connect_args.setdefault("tcp_user_timeout", _TCP_USER_TIMEOUT_MS)
+    if settings.statement_timeout is not None:
+        ms = max(1, round(settings.statement_timeout * 1000))
+        existing = connect_args.get("options", "")
+        connect_args["options"] = f"{existing} -c statement_timeout={ms}".strip()
+
+
 def _maintenance_interval(settings: Any) -> float:
-    # Tick often enough that idle connections close within ~25% of max_idle,
-    # but never busier than 20 Hz nor lazier than once a second.
-    shortest = min((s.max_idle for s in settings if s.max_idle is not None), default=4.0)
-    return max(0.05, min(1.0, shortest / 4))
+    # Tick often enough that idle connections close, keepalives go out and
+    # leaks are reported within ~25% of their settings, but never busier than
+    # 20 Hz nor lazier than once a second.
+    periods = [
+        value
+        for s in settings
+        for value in (s.max_idle, s.keepalive_time, s.leak_threshold)
+        if value is not None
+    ]
+    return max(0.05, min(1.0, min(periods, default=4.0) / 4))
 
 
 def create_sharded_engine(
@@ -447,3 +551,7 @@ def create_sharded_engine(
             sharded.dispose()
             raise WarmupError(errors, described)
     return sharded
+
+
+# Importing the events module attaches ShardedEngine.dispatch (SQLAlchemy's
+# event system sets it on the target class when the Events class is created).

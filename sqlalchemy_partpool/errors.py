@@ -27,6 +27,7 @@ __all__ = [
     "PoolError",
     "PoolExhausted",
     "PoolTimeout",
+    "QueryTimeout",
     "RoutingError",
     "ShardKeyMissing",
     "UnknownPartition",
@@ -239,3 +240,22 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
         if secret:
             text = text.replace(secret, "***")
     return text
+
+
+class QueryTimeout(PartpoolError, sa_exc.TimeoutError):
+    """A statement, commit or rollback did not finish within ``query_timeout``.
+
+    The connection's socket was shut down to free the caller, so the
+    connection is discarded; the server may still be working on the
+    statement (set ``statement_timeout`` below ``query_timeout`` so that the
+    server cancels it first).
+    """
+
+    def __init__(self, partition: str, *, timeout: float, what: str = "statement") -> None:
+        self.timeout = timeout
+        super().__init__(
+            f"partition {partition!r}: {what} did not complete within query_timeout={timeout:g}s; "
+            "the connection was closed. The server may be overloaded or unreachable; retry, "
+            "or raise query_timeout for long statements.",
+            partition=partition,
+        )

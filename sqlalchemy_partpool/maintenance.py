@@ -1,10 +1,21 @@
-"""Background upkeep of the partition pools: idle reaping, lifetime, refilling to the minimum.
+"""Background upkeep of the partition pools.
 
-Like psycopg_pool's scheduler, one named daemon thread wakes at a short interval
-and asks every partition pool what needs doing (:meth:`.PartitionPool.maintain`
-does no I/O under the pool lock); connections to open are handed to a small
-worker pool so that one slow or dead partition never delays the others.
-Callers never wait on any of this.
+Like psycopg_pool's scheduler, one named daemon thread (``partpool-maintenance``)
+wakes at a short interval and, for every partition pool that exists:
+
+* closes idle connections past their lifetime, or opened before a detected
+  disconnect;
+* closes connections above ``min_connections`` idle for ``max_idle`` seconds
+  (the seed's "close connections idle for a long time");
+* pings connections idle for ``keepalive_time`` seconds, so one that a
+  firewall silently dropped is found and replaced before a caller gets it;
+* reports connections checked out longer than ``leak_threshold`` (once each,
+  with the stack that took them);
+* refills the pool to ``min_connections``.
+
+Pings and connects run on a few ``partpool-worker`` threads, so one slow or
+dead partition never delays the others, and callers never wait on any of it.
+No I/O happens under a pool lock.
 """
 
 from __future__ import annotations
@@ -15,7 +26,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from time import monotonic
 
-from .pool import PartitionPool
+from .health import format_stack
+from .pool import PartitionPool, _PartitionRecord
 
 __all__ = ["Maintenance"]
 
@@ -33,8 +45,7 @@ class Maintenance:
       for the pools that currently exist (engines are created lazily, and
       ``engine.dispose()`` replaces a pool).
     :param interval: seconds between ticks.
-    :param workers: threads that open connections.
-    :param redact: turns an exception into a password-free description for logs.
+    :param workers: threads that ping and open connections.
     """
 
     def __init__(
@@ -43,17 +54,15 @@ class Maintenance:
         *,
         interval: float,
         workers: int,
-        redact: Callable[[str, BaseException], str],
     ) -> None:
         self._pools = pools
         self.interval = interval
-        self._redact = redact
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._executor = ThreadPoolExecutor(
-            max_workers=max(1, workers), thread_name_prefix="partpool-filler"
+            max_workers=max(1, workers), thread_name_prefix="partpool-worker"
         )
-        self._filling: set[str] = set()
+        self._busy: set[tuple[str, str]] = set()
         self._retry_at: dict[str, float] = {}
         self._backoff: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -65,12 +74,12 @@ class Maintenance:
         self._wake.set()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the thread and the workers; wait up to *timeout* seconds for them."""
+        """Stop the thread and the workers; wait up to *timeout* seconds for the thread."""
         self._stopping.set()
         self._wake.set()
         self._thread.join(timeout)
-        # A worker may be blocked in a connect attempt; it finishes on its own
-        # and the closed pool closes whatever it opens, so do not wait for it.
+        # A worker may be blocked in a connect or a ping (both bounded); it
+        # finishes on its own, and a closed pool closes whatever it opens.
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _run(self) -> None:
@@ -86,16 +95,104 @@ class Maintenance:
 
     def tick(self) -> None:
         """One round of upkeep over every pool."""
-        now = monotonic()
         for name, pool in self._pools():
-            missing = pool.maintain()
-            if not missing:
-                continue
+            self._close_stale(pool)
+            self._report_leaks(pool)
+            keepalive = pool.keepalive_time
+            if keepalive is not None:
+                self._submit(name, "keepalive", self._keepalive, pool, keepalive)
+            if pool.missing() and self._retry_at.get(name, 0.0) <= monotonic():
+                self._submit(name, "fill", self._fill, name, pool)
+
+    def _submit(self, name: str, job: str, fn: Callable[..., None], *args: object) -> None:
+        key = (name, job)
+        with self._lock:
+            if key in self._busy:
+                return
+            self._busy.add(key)
+
+        def run() -> None:
+            try:
+                fn(*args)
+            finally:
+                with self._lock:
+                    self._busy.discard(key)
+
+        try:
+            self._executor.submit(run)
+        except RuntimeError:  # shut down meanwhile
             with self._lock:
-                if name in self._filling or self._retry_at.get(name, 0.0) > now:
-                    continue
-                self._filling.add(name)
-            self._executor.submit(self._fill, name, pool)
+                self._busy.discard(key)
+
+    @staticmethod
+    def _close_stale(pool: PartitionPool) -> None:
+        invalid_before = pool._invalidate_time
+        expired = pool.take_idle(
+            lambda record, now: record.expires_at <= now or record.starttime < invalid_before
+        )
+        max_idle = pool.max_idle
+        reaped = (
+            pool.take_idle(
+                lambda record, now: now - record.returned_at >= max_idle,
+                keep_min=True,
+            )
+            if max_idle is not None
+            else []
+        )
+        if expired or reaped:
+            log.debug(
+                "partition %r: closing %d expired and %d idle connections",
+                pool.partition_name,
+                len(expired),
+                len(reaped),
+            )
+            pool.discard(expired + reaped)
+
+    @staticmethod
+    def _keepalive(pool: PartitionPool, keepalive: float) -> None:
+        records = pool.take_idle(lambda record, now: now - record.returned_at >= keepalive)
+        lost: list[_PartitionRecord] = []
+        for record in records:
+            connection = record.dbapi_connection
+            error = pool.ping(connection) if connection is not None else None
+            if error is None:
+                pool.put_back(record)
+            else:
+                log.info(
+                    "partition %r: an idle connection failed its keepalive ping (%s); replacing it",
+                    pool.partition_name,
+                    pool.health.describe(error),
+                )
+                record.invalidate(error)
+                lost.append(record)
+        pool.discard(lost)
+
+    @staticmethod
+    def _report_leaks(pool: PartitionPool) -> None:
+        threshold = pool.leak_threshold
+        if threshold is None:
+            return
+        now = monotonic()
+        for record in pool.checked_out_records():
+            held = now - record.checked_out_at
+            if record.leak_reported or held < threshold:
+                continue
+            record.leak_reported = True
+            stack = format_stack(record.checkout_stack or ())
+            with pool._lock:
+                pool.stats.leaks += 1
+            log.warning(
+                "partition %r: connection checked out for %.1fs (leak_threshold %gs) by "
+                "thread %r; possible leak. Checked out at:\n%s",
+                pool.partition_name,
+                held,
+                threshold,
+                record.checkout_thread,
+                stack,
+            )
+            pool.health.emit(
+                "leak_suspected", held=held, stack=stack, thread=record.checkout_thread
+            )
 
     def _fill(self, name: str, pool: PartitionPool) -> None:
         try:
@@ -109,13 +206,10 @@ class Maintenance:
                 "partition %r: could not open connections up to min_connections (%s); "
                 "retrying in %.1fs",
                 name,
-                self._redact(name, exc),
+                pool.health.describe(exc),
                 delay,
             )
         else:
             with self._lock:
                 self._backoff.pop(name, None)
                 self._retry_at.pop(name, None)
-        finally:
-            with self._lock:
-                self._filling.discard(name)

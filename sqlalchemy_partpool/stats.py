@@ -60,6 +60,8 @@ class StatsSnapshot:
     connections_lost: int
     timeouts: int
     exhausted: int
+    #: connections reported as suspected leaks (held past leak_threshold)
+    leaks: int
     wait_time_total: float
     use_time_total: float
     wait_p50: float
@@ -87,6 +89,7 @@ class PoolStats:
         "connections_lost",
         "connections_opened",
         "exhausted",
+        "leaks",
         "partition",
         "timeouts",
         "use_time_total",
@@ -105,6 +108,7 @@ class PoolStats:
         self.connections_lost = 0
         self.timeouts = 0
         self.exhausted = 0
+        self.leaks = 0
         self.wait_time_total = 0.0
         self.use_time_total = 0.0
         self.wait_max = 0.0
@@ -167,6 +171,7 @@ class PoolStats:
             connections_lost=self.connections_lost,
             timeouts=self.timeouts,
             exhausted=self.exhausted,
+            leaks=self.leaks,
             wait_time_total=self.wait_time_total,
             use_time_total=self.use_time_total,
             wait_p50=self.wait_percentile(0.5),
