@@ -67,6 +67,9 @@ class StatsSnapshot:
     wait_p50: float
     wait_p99: float
     wait_max: float
+    #: checkouts per wait bucket; bucket i holds waits up to ``WAIT_BUCKETS[i]``
+    #: seconds (bucket 0: no wait), the last one everything longer too
+    wait_histogram: tuple[int, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """The snapshot as a plain dict (JSON-serialisable)."""
@@ -177,4 +180,5 @@ class PoolStats:
             wait_p50=self.wait_percentile(0.5),
             wait_p99=self.wait_percentile(0.99),
             wait_max=self.wait_max,
+            wait_histogram=tuple(self.wait_hist),
         )
