@@ -20,7 +20,10 @@ from sqlalchemy import exc as sa_exc
 __all__ = [
     "ConfigurationError",
     "ConnectionReturnError",
+    "FanoutError",
+    "FanoutTimeout",
     "NoPartitionForKey",
+    "PartialCommitError",
     "PartitionUnavailable",
     "PartpoolError",
     "PoolClosed",
@@ -30,7 +33,9 @@ __all__ = [
     "QueryTimeout",
     "RoutingError",
     "ShardKeyMissing",
+    "TwoPhaseError",
     "UnknownPartition",
+    "UnmergeableStatement",
     "WarmupError",
     "redact",
 ]
@@ -259,3 +264,103 @@ class QueryTimeout(PartpoolError, sa_exc.TimeoutError):
             "or raise query_timeout for long statements.",
             partition=partition,
         )
+
+
+class UnmergeableStatement(PartpoolError, sa_exc.InvalidRequestError):
+    """A statement whose per-partition results cannot be merged into a correct answer.
+
+    Raised by :meth:`.ShardedEngine.execute_all` before anything runs, instead
+    of returning a wrong result; the message says what to change.
+    """
+
+
+class FanoutError(PartpoolError):
+    """A statement run on several partitions failed on at least one of them.
+
+    :ivar partition: the first partition that failed.
+    :ivar errors: partition name -> the exception it raised.
+    """
+
+    errors: dict[str, BaseException]
+
+    def __init__(self, errors: dict[str, BaseException], describe: dict[str, str]) -> None:
+        self.errors = errors
+        first = next(iter(errors))
+        others = f" (and {len(errors) - 1} more partitions)" if len(errors) > 1 else ""
+        super().__init__(
+            f"partition {first!r} failed: {describe[first]}{others}; the statement was "
+            "cancelled on the other partitions. Pass on_error='partial' to get the rows "
+            "of the partitions that answered.",
+            partition=first,
+        )
+
+
+class FanoutTimeout(FanoutError, sa_exc.TimeoutError):
+    """Some partitions did not answer within the call's ``timeout``.
+
+    :ivar pending: the partitions that had not answered.
+    """
+
+    pending: tuple[str, ...]
+
+    def __init__(
+        self,
+        timeout: float,
+        pending: list[str],
+        errors: dict[str, BaseException],
+        describe: dict[str, str],
+    ) -> None:
+        self.pending = tuple(pending)
+        self.timeout = timeout
+        PartpoolError.__init__(
+            self,
+            f"no answer within timeout={timeout:g}s from partition(s) "
+            f"{', '.join(repr(p) for p in pending)}; their statements were cancelled. "
+            "Raise timeout, or pass on_error='partial' to get the other partitions' rows.",
+            partition=pending[0] if pending else None,
+        )
+        self.errors = errors
+
+
+class PartialCommitError(PartpoolError):
+    """A multi-partition write committed on some partitions and not on others.
+
+    Only raised without two-phase commit (``twophase=False``); the message
+    and attributes say exactly where the data stands.
+
+    :ivar committed: partitions whose transaction committed.
+    :ivar rolled_back: partitions whose transaction was rolled back.
+    :ivar failed: the partition whose commit failed, and why.
+    """
+
+    def __init__(
+        self,
+        committed: list[str],
+        rolled_back: list[str],
+        failed: str,
+        cause: str,
+    ) -> None:
+        self.committed = tuple(committed)
+        self.rolled_back = tuple(rolled_back)
+        self.failed = failed
+        super().__init__(
+            f"commit failed on partition {failed!r} ({cause}) after committing on "
+            f"{list(self.committed)}; rolled back on {list(self.rolled_back)}. The write is "
+            "only partly applied: reconcile these partitions, or use twophase=True.",
+            partition=failed,
+        )
+
+
+class TwoPhaseError(PartpoolError):
+    """Two-phase commit could not complete; see the message for where each partition stands.
+
+    :ivar xid: the global transaction id.
+    :ivar outcome: ``"rolled_back"`` (nothing applied) or ``"in_doubt"``
+      (prepared everywhere and decided to commit; :func:`.recover_twophase`
+      will finish it).
+    """
+
+    def __init__(self, message: str, *, xid: str, outcome: str, partition: str | None) -> None:
+        self.xid = xid
+        self.outcome = outcome
+        super().__init__(message, partition=partition)
