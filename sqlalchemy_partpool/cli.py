@@ -1,4 +1,7 @@
-"""The ``partpool`` command (also ``python -m sqlalchemy_partpool``).
+"""The ``partpool`` command (also ``python -m sqlalchemy_partpool``): parsing and dispatch.
+
+``partpool status`` checks every configured partition and prints what its
+server says (see :mod:`sqlalchemy_partpool.status` and ``docs/status.md``).
 
 ``partpool demo`` shows the library working end to end.  Where its partitions
 come from, in order:
@@ -26,9 +29,10 @@ from typing import TextIO
 
 from sqlalchemy import text
 
+from . import status
 from .config import ENV_CONFIG, ENV_PARTITIONS, ShardedConfig
 from .engine import ShardedEngine, create_sharded_engine
-from .errors import PartpoolError
+from .errors import ConfigurationError, PartpoolError
 from .stats import StatsSnapshot
 
 __all__ = ["main"]
@@ -182,6 +186,59 @@ def _demo_workload(sharded: ShardedEngine, args: argparse.Namespace, out: TextIO
             conn.execute(text("DROP TABLE partpool_demo"))
 
 
+_NO_CONFIG_MESSAGE = f"""\
+partpool: error: no partitions configured; describe them in one of three ways:
+  --config FILE                              a TOML configuration file
+  {ENV_CONFIG}=FILE                       the same file, named by the environment
+  {ENV_PARTITIONS}='p0=URL p1=URL ...'    name=URL pairs separated by spaces or ';'"""
+
+
+def run_status(args: argparse.Namespace, out: TextIO) -> int:
+    """Check every configured partition and print its state and its server's figures."""
+    if args.count is not None and args.watch is None:
+        print("partpool status: error: --count needs --watch SECONDS", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config)
+        if config is None:
+            print(_NO_CONFIG_MESSAGE, file=sys.stderr)
+            return 2
+        return status.run_status(
+            config,
+            out,
+            as_json=args.json,
+            timeout=args.timeout,
+            watch=args.watch,
+            count=args.count,
+        )
+    except ConfigurationError as exc:
+        # 1 means "a partition is down"; a configuration that cannot work is a usage error
+        print(f"partpool: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _seconds(value: str) -> float:
+    """An argparse type: a finite number of seconds greater than 0."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not (0 < seconds < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value!r}")
+    return seconds
+
+
+def _positive_int(value: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value!r}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``partpool`` command."""
     parser = argparse.ArgumentParser(
@@ -197,6 +254,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rows", type=int, default=2000, help="rows to insert (2000)")
     demo.add_argument("--threads", type=int, default=8, help="inserting threads (8)")
     demo.add_argument("--max-connections", type=int, default=4, help="per partition (4)")
+    status_parser = sub.add_parser(
+        "status",
+        help="check every partition and show its server's figures",
+        description="Check every configured partition (all in parallel) and print its state, "
+        "latency and server figures. Exit status: 0 if all are up, 1 if any is down, "
+        "2 for a usage or configuration error.",
+    )
+    _add_config_arguments(status_parser)
+    status_parser.add_argument("--json", action="store_true", help="print one JSON document")
+    status_parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="bound on connecting, pinging and querying (default: the configured "
+        "connect_timeout and ping_timeout)",
+    )
+    status_parser.add_argument(
+        "--watch", type=_seconds, metavar="SECONDS", help="repeat every SECONDS until Ctrl-C"
+    )
+    status_parser.add_argument(
+        "--count", type=_positive_int, metavar="N", help="with --watch: stop after N rounds"
+    )
     return parser
 
 
@@ -216,6 +295,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         if args.command == "demo":
             return run_demo(args, out)
+        if args.command == "status":
+            return run_status(args, out)
     except PartpoolError as exc:
         print(f"partpool: error: {exc}", file=sys.stderr)
         return 1

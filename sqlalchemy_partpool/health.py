@@ -303,8 +303,13 @@ class PartitionHealth:
             log.warning("partition %r is back up after %.1fs down", self.partition, downtime)
             self.emit("partition_up", downtime=downtime)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the prober, if running."""
+    def stop(self, timeout: float = 0.2) -> None:
+        """Stop the prober, if running.
+
+        Waits at most *timeout* seconds: a prober blocked in a connection
+        attempt (bounded by ``connect_timeout``) finishes on its own and closes
+        what it opened, so disposing an engine never waits for a dead server.
+        """
         self._stopping.set()
         prober = self._prober
         if prober is not None:
