@@ -24,8 +24,11 @@ _MIN_EXP = -20
 def _bucket_index(seconds: float) -> int:
     if seconds <= 0.0:
         return 0
-    # frexp(x) = (m, e) with x = m * 2**e and 0.5 <= m < 1, so x <= 2**e.
-    exp = math.frexp(seconds)[1]
+    # frexp(x) = (m, e) with x = m * 2**e and 0.5 <= m < 1, so x <= 2**e;
+    # an exact power of two belongs to the bucket it bounds (le, as Prometheus).
+    mantissa, exp = math.frexp(seconds)
+    if mantissa == 0.5:
+        exp -= 1
     index = exp - _MIN_EXP + 1
     if index < 1:
         return 1
