@@ -338,6 +338,9 @@ class ShardedConfig:
     :param engine_options: extra ``create_engine`` keywords for every partition.
     :param lazy: open no connection until first use (skip the warm-up to
       ``min_connections``).
+    :param fanout_workers: threads that run statements on many partitions at
+      once (:meth:`.ShardedEngine.execute_all`); default twice the number of
+      partitions, between 4 and 32.
     """
 
     partitions: tuple[Partition, ...]
@@ -345,6 +348,7 @@ class ShardedConfig:
     router: Any = None
     engine_options: Mapping[str, Any] = field(default_factory=dict)
     lazy: bool = False
+    fanout_workers: int | None = None
 
     def __post_init__(self) -> None:
         if not self.partitions:
@@ -365,6 +369,21 @@ class ShardedConfig:
         lazy: object = self.lazy
         if not isinstance(lazy, bool):
             raise ConfigurationError(f"lazy must be true or false, got {lazy!r}")
+        workers: object = self.fanout_workers
+        if workers is not None and (
+            isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+        ):
+            raise ConfigurationError(
+                f"fanout_workers must be a whole number of at least 1, got {workers!r}",
+                option="fanout_workers",
+            )
+
+    @property
+    def workers(self) -> int:
+        """The fan-out worker count: ``fanout_workers``, or 2 per partition within 4..32."""
+        if self.fanout_workers is not None:
+            return self.fanout_workers
+        return max(4, min(32, 2 * len(self.partitions)))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -385,6 +404,7 @@ class ShardedConfig:
         router: Any = None,
         engine_options: Mapping[str, Any] | None = None,
         lazy: bool = False,
+        fanout_workers: int | None = None,
         **pool_options: Any,
     ) -> ShardedConfig:
         """Build a configuration from Python values.
@@ -394,6 +414,7 @@ class ShardedConfig:
         :param router: the router specification.
         :param engine_options: ``create_engine`` keywords for every partition.
         :param lazy: skip the warm-up.
+        :param fanout_workers: see :class:`ShardedConfig`.
         :param pool_options: default :class:`PoolSettings` options.
         :raises ConfigurationError: on any invalid value.
         """
@@ -404,6 +425,7 @@ class ShardedConfig:
             router=router,
             engine_options=dict(engine_options or {}),
             lazy=lazy,
+            fanout_workers=fanout_workers,
         )
 
     @classmethod
@@ -411,14 +433,17 @@ class ShardedConfig:
         """Build a configuration from a dict shaped like the TOML file.
 
         Recognised keys: ``partitions`` (required), ``pool`` (defaults),
-        ``router``, ``engine_options``, ``lazy``.
+        ``router``, ``engine_options``, ``lazy``, ``fanout_workers``.
 
         :raises ConfigurationError: on unknown keys or invalid values.
         """
         if not isinstance(data, Mapping):
             raise ConfigurationError(f"configuration must be a table/dict, got {type(data)!r}")
         _check_option_names(
-            data, ("partitions", "pool", "router", "engine_options", "lazy"), None, "key"
+            data,
+            ("partitions", "pool", "router", "engine_options", "lazy", "fanout_workers"),
+            None,
+            "key",
         )
         if "partitions" not in data:
             raise ConfigurationError(
@@ -433,6 +458,7 @@ class ShardedConfig:
             router=data.get("router"),
             engine_options=data.get("engine_options"),
             lazy=data.get("lazy", False),
+            fanout_workers=data.get("fanout_workers"),
             **pool,
         )
 

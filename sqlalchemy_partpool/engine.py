@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, Result
 from sqlalchemy.pool import PoolProxiedConnection
 
 from .config import Partition, PartitionsSpec, PoolSettings, ShardedConfig
@@ -31,6 +31,7 @@ from .errors import (
     WarmupError,
     redact,
 )
+from .fanout import Fanout, FanoutResult, MergeMode, OnError
 from .health import PartitionHealth
 from .maintenance import Maintenance
 from .pool import PartitionPool
@@ -114,6 +115,8 @@ class ShardedEngine(event.EventTarget):
         self._engines: dict[str, Engine] = {}
         self._engines_lock = threading.Lock()
         self._closed = False
+        self._fanout = Fanout(self, config.workers)
+        self._collations: dict[str, bool] = {}
         self._maintenance = Maintenance(
             self._live_pools,
             interval=_maintenance_interval(self._settings.values()),
@@ -280,6 +283,110 @@ class ShardedEngine(event.EventTarget):
         """A pooled DBAPI connection; ``close()`` returns it to the pool."""
         return self.engine(self.resolve(key, partition)).raw_connection()
 
+    # -- statements -------------------------------------------------------------------
+
+    def execute(
+        self,
+        statement: Any,
+        params: Any = None,
+        *,
+        key: Any = NO_KEY,
+        partition: str | None = None,
+        timeout: float | None = None,
+    ) -> Result[Any]:
+        """Run one statement on the partition of *key* (or *partition*) and return its result.
+
+        The statement runs as its own transaction (autocommit, so a read costs
+        one round trip, with no empty ``BEGIN``/``ROLLBACK``); with a list of
+        several parameter sets (executemany) they all run in one transaction.
+        Rows are read in full before the connection goes back to the pool.
+        Use :meth:`begin` for several statements in one transaction.
+
+        :param statement: a Core statement or ``text()``.
+        :param params: bind parameters: a dict, or a list of dicts.
+        :param key: the shard key to route by.
+        :param partition: the partition name instead (or to check the key).
+        :param timeout: seconds; the statement is cancelled by the server past
+          it (``statement_timeout``) and abandoned by the client shortly after,
+          raising :class:`.QueryTimeout`.
+        :raises ShardKeyMissing: if neither key nor partition is given.
+        """
+        return self._fanout.execute(
+            statement, self.resolve(key, partition), params, timeout=timeout
+        )
+
+    def execute_all(
+        self,
+        statement: Any,
+        params: Any = None,
+        *,
+        partitions: list[str] | None = None,
+        key: Any = None,
+        merge: MergeMode = "auto",
+        tag_partition: bool = False,
+        on_error: OnError = "raise",
+        timeout: float | None = None,
+    ) -> FanoutResult:
+        """Run *statement* on many partitions at once and return one merged result.
+
+        A ``SELECT`` is merged correctly, not just concatenated (see
+        :mod:`~sqlalchemy_partpool.merge`): ORDER BY by a k-way merge with
+        LIMIT/OFFSET applied afterwards, ``count``/``sum``/``min``/``max``/``avg``
+        and GROUP BY re-aggregated.  A statement that cannot be merged correctly
+        raises :class:`.UnmergeableStatement` before anything runs.
+
+        An ``INSERT`` with a list of rows is split by shard key: each partition
+        gets its rows in one round trip (executemany), in one transaction per
+        partition.  Other statements (UPDATE, DELETE, ``text()``) run on every
+        chosen partition, in autocommit; ``result.rowcount`` adds them up.
+
+        :param statement: a Core statement or ``text()``.
+        :param params: bind parameters (a list of rows for a split INSERT).
+        :param partitions: only these partitions; default all.
+        :param key: for a split INSERT: the shard key column name, or a function
+          of a row; default: the table's ``info["shard_key"]`` or the column
+          marked ``info={"shard_key": True}``.
+        :param merge: ``"auto"`` (analyse the statement) or ``"concat"`` (just
+          concatenate, for statements you know need nothing more).
+        :param tag_partition: add a ``partition`` column naming each row's partition.
+        :param on_error: ``"raise"`` (fail fast: cancel the rest and raise
+          :class:`.FanoutError` naming the first partition that failed) or
+          ``"partial"`` (return the rows of the partitions that answered, with
+          the failures in ``result.errors``).
+        :param timeout: seconds for the whole call; each partition's statement
+          gets ``statement_timeout`` and a client-side deadline, and partitions
+          that have not answered by then are cancelled
+          (:class:`.FanoutTimeout`, or reported in ``result.errors``).
+        :raises UnmergeableStatement: if the result could not be merged correctly.
+        :raises FanoutError: with ``on_error="raise"``, when a partition fails.
+        """
+        return self._fanout.execute_all(
+            statement,
+            params,
+            partitions=partitions,
+            key=key,
+            merge=merge,
+            tag_partition=tag_partition,
+            on_error=on_error,
+            timeout=timeout,
+        )
+
+    def sorts_like_python(self, name: str) -> bool:
+        """Whether partition *name* sorts text the way Python compares strings.
+
+        True when the database's collation is ``C`` or ``POSIX`` (byte order);
+        asked once per partition and remembered.
+        """
+        known = self._collations.get(name)
+        if known is None:
+            with self.engine(name).connect() as conn:
+                collation = conn.exec_driver_sql(
+                    "SELECT datcollate FROM pg_database WHERE datname = current_database()"
+                ).scalar_one()
+            known = str(collation).upper() in ("C", "POSIX")
+            self._collations[name] = known
+        return known
+
     # -- sizing, warm-up and figures ---------------------------------------------------
 
     def warm_up(self, partitions: list[str] | None = None) -> dict[str, BaseException]:
@@ -440,6 +547,7 @@ class ShardedEngine(event.EventTarget):
             self._closed = True
             engines = list(self._engines.items())
         self._maintenance.stop()
+        self._fanout.shutdown()
         for health in self._health.values():
             health.stop()
         for _, engine in engines:
@@ -501,6 +609,7 @@ def create_sharded_engine(
     lazy: bool = False,
     engine_options: Mapping[str, Any] | None = None,
     require_all_partitions: bool = True,
+    fanout_workers: int | None = None,
     **pool_options: Any,
 ) -> ShardedEngine:
     """Create a :class:`ShardedEngine`: a pooled engine per partition and a router.
@@ -525,6 +634,8 @@ def create_sharded_engine(
       opened on every partition, all in parallel, before this returns.
     :param engine_options: extra :func:`~sqlalchemy.create_engine` keywords for
       every partition (per-partition ones go in the partition's entry).
+    :param fanout_workers: threads for :meth:`ShardedEngine.execute_all`
+      (default: twice the partitions, between 4 and 32).
     :param require_all_partitions: when not lazy, raise :class:`.WarmupError`
       if any partition cannot open its minimum; with False, log a warning and
       let the background maintenance keep trying.
@@ -536,12 +647,17 @@ def create_sharded_engine(
     :raises WarmupError: see ``require_all_partitions``.
     """
     if isinstance(partitions, ShardedConfig):
-        if router is not None or engine_options or pool_options or lazy:
+        if router is not None or engine_options or pool_options or lazy or fanout_workers:
             raise ConfigurationError("pass either a ShardedConfig or keyword settings, not both")
         config = partitions
     else:
         config = ShardedConfig.build(
-            partitions, router=router, engine_options=engine_options, lazy=lazy, **pool_options
+            partitions,
+            router=router,
+            engine_options=engine_options,
+            lazy=lazy,
+            fanout_workers=fanout_workers,
+            **pool_options,
         )
     sharded = ShardedEngine(config)
     if not config.lazy:
