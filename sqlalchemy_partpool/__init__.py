@@ -21,7 +21,10 @@ from .engine import NO_KEY, ShardedEngine, create_sharded_engine
 from .errors import (
     ConfigurationError,
     ConnectionReturnError,
+    FanoutError,
+    FanoutTimeout,
     NoPartitionForKey,
+    PartialCommitError,
     PartitionUnavailable,
     PartpoolError,
     PoolClosed,
@@ -31,10 +34,13 @@ from .errors import (
     QueryTimeout,
     RoutingError,
     ShardKeyMissing,
+    TwoPhaseError,
     UnknownPartition,
+    UnmergeableStatement,
     WarmupError,
 )
 from .events import PartitionEvent, ShardedEngineEvents
+from .fanout import FanoutResult
 from .health import PartitionHealth, PartitionState
 from .pool import PartitionPool
 from .routing import (
@@ -49,6 +55,7 @@ from .routing import (
     pg_hash,
 )
 from .stats import PoolStats, StatsSnapshot
+from .transactions import MultiPartitionTransaction, RecoveryAction
 
 __version__ = "0.1.0.dev0"
 
@@ -61,9 +68,14 @@ __all__ = [
     "CallableRouter",
     "ConfigurationError",
     "ConnectionReturnError",
+    "FanoutError",
+    "FanoutResult",
+    "FanoutTimeout",
     "HashRouter",
     "LookupRouter",
+    "MultiPartitionTransaction",
     "NoPartitionForKey",
+    "PartialCommitError",
     "Partition",
     "PartitionEvent",
     "PartitionHealth",
@@ -81,6 +93,7 @@ __all__ = [
     "PoolTimeout",
     "QueryTimeout",
     "RangeRouter",
+    "RecoveryAction",
     "Router",
     "RoutingError",
     "ShardKeyMissing",
@@ -88,7 +101,9 @@ __all__ = [
     "ShardedEngine",
     "ShardedEngineEvents",
     "StatsSnapshot",
+    "TwoPhaseError",
     "UnknownPartition",
+    "UnmergeableStatement",
     "WarmupError",
     "__version__",
     "create_sharded_engine",

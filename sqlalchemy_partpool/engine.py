@@ -37,6 +37,7 @@ from .maintenance import Maintenance
 from .pool import PartitionPool
 from .routing import Router, make_router
 from .stats import PoolStats, StatsSnapshot
+from .transactions import MultiPartitionTransaction, RecoveryAction, recover_twophase
 from .watchdog import install_query_timeout
 
 if TYPE_CHECKING:
@@ -369,6 +370,45 @@ class ShardedEngine(event.EventTarget):
             tag_partition=tag_partition,
             on_error=on_error,
             timeout=timeout,
+        )
+
+    def begin_many(
+        self,
+        partitions: list[str] | None = None,
+        *,
+        twophase: bool = False,
+        log_partition: str | None = None,
+    ) -> MultiPartitionTransaction:
+        """A transaction across partitions, for a ``with`` block.
+
+        ::
+
+            with sharded.begin_many(twophase=True) as tx:
+                tx.execute(stmt1, params1, key=a)
+                tx.execute(stmt2, params2, key=b)
+
+        Each partition touched gets its own transaction; all commit when the
+        block ends, or all roll back if it raises.  Without ``twophase`` they
+        commit one after another and a failure part-way raises
+        :class:`.PartialCommitError` naming what committed and what did not;
+        with ``twophase=True`` PostgreSQL prepared transactions make it atomic
+        (see :mod:`~sqlalchemy_partpool.transactions` and :meth:`recover_twophase`).
+
+        :param partitions: the only partitions the block may touch (default any).
+        :param twophase: use two-phase commit (needs ``max_prepared_transactions`` > 0).
+        :param log_partition: where two-phase decisions are recorded (default:
+          the first partition).
+        """
+        return MultiPartitionTransaction(
+            self, partitions, twophase=twophase, log_partition=log_partition
+        )
+
+    def recover_twophase(
+        self, *, older_than: float = 60.0, log_partition: str | None = None, dry_run: bool = False
+    ) -> list[RecoveryAction]:
+        """Finish or undo in-doubt two-phase transactions; see :func:`.recover_twophase`."""
+        return recover_twophase(
+            self, older_than=older_than, log_partition=log_partition, dry_run=dry_run
         )
 
     def sorts_like_python(self, name: str) -> bool:
