@@ -414,16 +414,24 @@ class ShardedEngine(event.EventTarget):
     def sorts_like_python(self, name: str) -> bool:
         """Whether partition *name* sorts text the way Python compares strings.
 
-        True when the database's collation is ``C`` or ``POSIX`` (byte order);
-        asked once per partition and remembered.
+        True when the database's default collation orders by code point: libc
+        ``C``, ``POSIX`` or ``C.UTF-8``, or PostgreSQL 17's builtin provider.
+        ICU and language collations are not.  Asked once per partition and
+        remembered.
         """
         known = self._collations.get(name)
         if known is None:
             with self.engine(name).connect() as conn:
-                collation = conn.exec_driver_sql(
-                    "SELECT datcollate FROM pg_database WHERE datname = current_database()"
+                # to_jsonb of the row copes with the columns of every version
+                # (datlocprovider is PostgreSQL 15+)
+                row = conn.exec_driver_sql(
+                    "SELECT to_jsonb(d) FROM pg_database d WHERE datname = current_database()"
                 ).scalar_one()
-            known = str(collation).upper() in ("C", "POSIX")
+            provider = row.get("datlocprovider", "c")
+            collate = str(row.get("datcollate", "")).upper().replace("-", "")
+            known = provider == "b" or (
+                provider == "c" and collate in ("C", "POSIX", "C.UTF8")
+            )
             self._collations[name] = known
         return known
 

@@ -338,9 +338,12 @@ def plan(statement: Any, keys: Sequence[str] | None = None) -> MergePlan:
     """
     if not isinstance(statement, Select):
         return MergePlan(kind="concat", statement=statement)
-    if statement._distinct_on:
+    # SQLAlchemy 2.0 keeps DISTINCT ON in _distinct_on; 2.1 as a syntax extension
+    extensions = getattr(statement, "_get_syntax_extensions_as_dict", dict)()
+    if getattr(statement, "_distinct_on", ()) or extensions:
         raise UnmergeableStatement(
-            "DISTINCT ON cannot be merged across partitions; run it per partition"
+            "DISTINCT ON (and other dialect syntax extensions) cannot be merged across "
+            "partitions; run the statement per partition with execute()"
         )
     if statement._having_criteria:
         raise UnmergeableStatement(
