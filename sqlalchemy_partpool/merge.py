@@ -339,7 +339,7 @@ def plan(statement: Any, keys: Sequence[str] | None = None) -> MergePlan:
     if not isinstance(statement, Select):
         return MergePlan(kind="concat", statement=statement)
     # SQLAlchemy 2.0 keeps DISTINCT ON in _distinct_on; 2.1 as a syntax extension
-    extensions = getattr(statement, "_get_syntax_extensions_as_dict", dict)()
+    extensions: dict[str, Any] = getattr(statement, "_get_syntax_extensions_as_dict", dict)()
     if getattr(statement, "_distinct_on", ()) or extensions:
         raise UnmergeableStatement(
             "DISTINCT ON (and other dialect syntax extensions) cannot be merged across "
