@@ -292,8 +292,9 @@ class Fanout:
             with engine.begin() as conn:
                 result = conn.execute(statement, params, execution_options=options)
                 return _buffer(result)
-        options["isolation_level"] = "AUTOCOMMIT"
         with engine.connect() as conn:
+            # isolation_level is a connection option: per statement it would be ignored
+            conn.execution_options(isolation_level="AUTOCOMMIT")
             result = conn.execute(statement, params, execution_options=options)
             return _buffer(result)
 
