@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Connection, Engine, Result
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import PoolProxiedConnection
 
 from .config import Partition, PartitionsSpec, PoolSettings, ShardedConfig
@@ -31,7 +31,7 @@ from .errors import (
     WarmupError,
     redact,
 )
-from .fanout import Fanout, FanoutResult, MergeMode, OnError
+from .fanout import AnyResult, Fanout, FanoutResult, MergeMode, OnError
 from .health import PartitionHealth
 from .maintenance import Maintenance
 from .pool import PartitionPool
@@ -294,7 +294,7 @@ class ShardedEngine(event.EventTarget):
         key: Any = NO_KEY,
         partition: str | None = None,
         timeout: float | None = None,
-    ) -> Result[Any]:
+    ) -> AnyResult:
         """Run one statement on the partition of *key* (or *partition*) and return its result.
 
         The statement runs as its own transaction (autocommit, so a read costs

@@ -46,7 +46,16 @@ from .merge import MergePlan, plan, text_sort_columns
 from .watchdog import interrupt_connection, watchdog
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from .engine import ShardedEngine
+
+    #: A Result of rows of any width (``Result[Any]`` would mean one column).
+    AnyResult = Result[Unpack[tuple[Any, ...]]]
+    _ResultBase = IteratorResult[Unpack[tuple[Any, ...]]]
+else:
+    AnyResult = Result
+    _ResultBase = IteratorResult
 
 __all__ = ["Fanout", "FanoutResult"]
 
@@ -64,7 +73,7 @@ OnError = Literal["raise", "partial"]
 MergeMode = Literal["auto", "concat"]
 
 
-class FanoutResult(IteratorResult[Any]):
+class FanoutResult(_ResultBase):
     """The merged result of :meth:`.ShardedEngine.execute_all`: a SQLAlchemy ``Result``.
 
     Iterate it, or use ``.all()``, ``.scalars()``, ``.mappings()``,
@@ -279,7 +288,7 @@ class Fanout:
         params: Any = None,
         *,
         timeout: float | None = None,
-    ) -> Result[Any]:
+    ) -> AnyResult:
         """Run *statement* on *partition* as its own transaction; return a buffered result."""
         engine = self.sharded.engine(partition)
         options: dict[str, Any] = {}
@@ -507,7 +516,7 @@ class Fanout:
         return FanoutError(errors, self._describe(errors))
 
 
-def _buffer(result: Result[Any]) -> Result[Any]:
+def _buffer(result: AnyResult) -> AnyResult:
     """Read a result fully so the connection can go back to the pool."""
     if not getattr(result, "returns_rows", True):
         return result
