@@ -43,6 +43,7 @@ from .events import PartitionEvent, ShardedEngineEvents
 from .fanout import FanoutResult
 from .health import PartitionHealth, PartitionState
 from .pool import PartitionPool
+from .recovery import RecoveryAction
 from .routing import (
     BucketMove,
     CallableRouter,
@@ -55,7 +56,7 @@ from .routing import (
     pg_hash,
 )
 from .stats import PoolStats, StatsSnapshot
-from .transactions import MultiPartitionTransaction, RecoveryAction
+from .transactions import MultiPartitionTransaction
 
 __version__ = "0.1.0.dev0"
 

@@ -35,9 +35,10 @@ from .fanout import AnyResult, Fanout, FanoutResult, MergeMode, OnError
 from .health import PartitionHealth
 from .maintenance import Maintenance
 from .pool import PartitionPool
+from .recovery import RecoveryAction, recover_twophase
 from .routing import Router, make_router
 from .stats import PoolStats, StatsSnapshot
-from .transactions import MultiPartitionTransaction, RecoveryAction, recover_twophase
+from .transactions import MultiPartitionTransaction
 from .watchdog import install_query_timeout
 
 if TYPE_CHECKING:
@@ -429,9 +430,7 @@ class ShardedEngine(event.EventTarget):
                 ).scalar_one()
             provider = row.get("datlocprovider", "c")
             collate = str(row.get("datcollate", "")).upper().replace("-", "")
-            known = provider == "b" or (
-                provider == "c" and collate in ("C", "POSIX", "C.UTF8")
-            )
+            known = provider == "b" or (provider == "c" and collate in ("C", "POSIX", "C.UTF8"))
             self._collations[name] = known
         return known
 

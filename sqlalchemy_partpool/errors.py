@@ -356,8 +356,10 @@ class TwoPhaseError(PartpoolError):
 
     :ivar xid: the global transaction id.
     :ivar outcome: ``"rolled_back"`` (nothing applied) or ``"in_doubt"``
-      (prepared everywhere and decided to commit; :func:`.recover_twophase`
-      will finish it).
+      (some partitions hold the transaction prepared: either the commit was
+      decided and COMMIT PREPARED failed there, or whether the decision was
+      recorded could not be checked; :func:`.recover_twophase` settles it from
+      the decision log, committing or rolling back everywhere).
     """
 
     def __init__(self, message: str, *, xid: str, outcome: str, partition: str | None) -> None:

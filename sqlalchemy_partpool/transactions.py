@@ -25,62 +25,48 @@ finds them and finishes the job: ``COMMIT PREPARED`` where the decision was
 recorded, ``ROLLBACK PREPARED`` where it was not and the transaction is older
 than a grace period (its coordinator is gone).  Running it twice changes
 nothing.  Partitions need ``max_prepared_transactions`` > 0.
+
+A coordinator presumed gone may only be slow (a PREPARE waiting for a lock,
+say).  So before rolling anything back, recovery records the rollback in the
+log too, as a row with no participants: the log's primary key then lets only
+one of the two decisions in.  A coordinator that comes back finds its commit
+decision refused and rolls back; a recovery that finds the commit decided
+first commits.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
-from sqlalchemy.engine import Connection, Result, RootTransaction, TwoPhaseTransaction
+from sqlalchemy.engine import Connection, RootTransaction, TwoPhaseTransaction
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from .errors import PartialCommitError, PartpoolError, RoutingError, TwoPhaseError
+from .recovery import LOG_TABLE, _gid, _record_rollback, ensure_log_table
 
 if TYPE_CHECKING:
     from .engine import ShardedEngine
+    from .fanout import AnyResult
 
-__all__ = [
-    "LOG_TABLE",
-    "MultiPartitionTransaction",
-    "PreparedTransaction",
-    "RecoveryAction",
-    "prepared_transactions",
-    "recover_twophase",
-]
+__all__ = ["MultiPartitionTransaction"]
 
 log = logging.getLogger("sqlalchemy_partpool.transactions")
 
-#: Table (on the log partition) that records two-phase commit decisions.
-LOG_TABLE = "partpool_twophase_log"
-_GID_PREFIX = "partpool:"
-
-# Called after the commit decision is recorded and before any COMMIT PREPARED;
-# the crash-recovery tests use it to stop a coordinator at the worst moment.
+# Called with the gtrid after every participant is prepared and before the
+# decision is recorded (the crash-recovery tests use it to stop a coordinator
+# whose transactions must then be rolled back)...
+_after_prepare_hook: Callable[[str], None] | None = None
+# ...and after the commit decision is recorded, before any COMMIT PREPARED (to
+# stop it where its transactions must then be committed).
 _after_decision_hook: Callable[[str], None] | None = None
 
-_CREATE_LOG = f"""
-CREATE TABLE IF NOT EXISTS {LOG_TABLE} (
-    gtrid text PRIMARY KEY,
-    participants text[] NOT NULL,
-    decided_at timestamptz NOT NULL DEFAULT now()
-)
-"""
 
-
-def _gid(gtrid: str, partition: str) -> str:
-    return f"{_GID_PREFIX}{gtrid}:{partition}"
-
-
-def _parse_gid(gid: str) -> tuple[str, str] | None:
-    if not gid.startswith(_GID_PREFIX):
-        return None
-    gtrid, sep, partition = gid[len(_GID_PREFIX) :].partition(":")
-    return (gtrid, partition) if sep else None
+class _DecisionUnknown(Exception):
+    """The COMMIT of a decision record failed in a way that does not say whether it happened."""
 
 
 class MultiPartitionTransaction:
@@ -118,9 +104,10 @@ class MultiPartitionTransaction:
         self._connections: dict[str, Connection] = {}
         self._transactions: dict[str, RootTransaction] = {}
         self._done = False
-        # set once the two-phase commit decision is recorded: from then on a
-        # prepared transaction must never be rolled back, only committed
-        self._decided = False
+        # set once the prepared transactions must no longer be rolled back
+        # here: the commit was decided, or whether it was cannot be known (then
+        # recover_twophase() settles it from the log)
+        self._keep_prepared = False
 
     # -- using it ----------------------------------------------------------------------
 
@@ -155,7 +142,7 @@ class MultiPartitionTransaction:
 
     def execute(
         self, statement: Any, params: Any = None, *, key: Any = None, partition: str | None = None
-    ) -> Result[Any]:
+    ) -> AnyResult:
         """Execute *statement* in the transaction on the partition of *key* (or *partition*)."""
         return self.connection(key, partition=partition).execute(statement, params)
 
@@ -212,11 +199,11 @@ class MultiPartitionTransaction:
         self._done = True
         for name, conn in self._connections.items():
             try:
-                if self._decided and self._transactions[name].is_active:
-                    # Decided but not committed here (interrupted, or COMMIT
-                    # PREPARED failed): closing normally would roll the prepared
-                    # transaction back.  Drop the session instead; the server
-                    # keeps the prepared transaction for recover_twophase().
+                if self._keep_prepared and self._transactions[name].is_active:
+                    # Not committed here (interrupted, COMMIT PREPARED failed, or
+                    # the decision is unknown): closing normally would roll the
+                    # prepared transaction back.  Drop the session instead; the
+                    # server keeps the prepared transaction for recover_twophase().
                     conn.invalidate()
                 conn.close()
             except Exception:  # pragma: no cover - closing must not mask the outcome
@@ -261,19 +248,34 @@ class MultiPartitionTransaction:
                     partition=name,
                 ) from exc
             prepared.append(name)
+        if _after_prepare_hook is not None:
+            _after_prepare_hook(self.gtrid)
         try:
             self._record_decision(names)
+        except _DecisionUnknown as unknown:
+            self._settle_decision(names, unknown.__cause__)
         except Exception as exc:
             self._abort_prepared(prepared, names)
+            if isinstance(exc, IntegrityError):
+                # the only constraint is the primary key: recover_twophase()
+                # recorded a rollback first, having presumed this coordinator dead
+                why = (
+                    "recover_twophase() had already decided to roll it back (it was prepared "
+                    "longer than its older_than); raise older_than above your longest commit"
+                )
+            else:
+                why = (
+                    "could not record the commit decision on partition "
+                    f"{self.log_partition!r} "
+                    f"({self.sharded.describe_error(self.log_partition, exc)})"
+                )
             raise TwoPhaseError(
-                "could not record the commit decision on partition "
-                f"{self.log_partition!r} ({self.sharded.describe_error(self.log_partition, exc)}); "
-                "the transaction was rolled back on every partition, nothing was applied",
+                f"{why}; the transaction was rolled back on every partition, nothing was applied",
                 xid=self.gtrid,
                 outcome="rolled_back",
                 partition=self.log_partition,
             ) from exc
-        self._decided = True
+        self._keep_prepared = True
         if _after_decision_hook is not None:
             _after_decision_hook(self.gtrid)
         failed: dict[str, str] = {}
@@ -286,8 +288,9 @@ class MultiPartitionTransaction:
             raise TwoPhaseError(
                 f"the commit was decided and applied on {[n for n in names if n not in failed]}, "
                 f"but COMMIT PREPARED failed on {sorted(failed)} ({'; '.join(failed.values())}); "
-                "those partitions hold the transaction prepared. Run "
-                "sharded.recover_twophase() once they are reachable to commit it there.",
+                "those partitions hold the transaction prepared (unless the failure hid a "
+                "COMMIT PREPARED that went through). Run sharded.recover_twophase() once "
+                "they are reachable to commit it there.",
                 xid=self.gtrid,
                 outcome="in_doubt",
                 partition=next(iter(failed)),
@@ -309,12 +312,69 @@ class MultiPartitionTransaction:
                 )
 
     def _record_decision(self, participants: list[str]) -> None:
-        with self.sharded.engine(self.log_partition).begin() as conn:
+        """Record the decision to commit: the commit point.
+
+        :raises _DecisionUnknown: if the record's COMMIT failed without the
+          server refusing it (the connection was lost or timed out): the
+          server may have committed it all the same.
+        """
+        with self.sharded.engine(self.log_partition).connect() as conn:
+            record = conn.begin()
             ensure_log_table(conn)
             conn.execute(
                 text(f"INSERT INTO {LOG_TABLE} (gtrid, participants) VALUES (:g, :p)"),
                 {"g": self.gtrid, "p": participants},
             )
+            try:
+                record.commit()
+            except DBAPIError as exc:
+                if exc.connection_invalidated:
+                    raise _DecisionUnknown() from exc
+                raise
+            except Exception as exc:
+                raise _DecisionUnknown() from exc
+
+    def _settle_decision(self, names: list[str], cause: BaseException | None) -> None:
+        """Find out, or fix, the decision after its COMMIT failed with the outcome unknown.
+
+        Records a rollback unless the commit turns out to be recorded (the log
+        admits one decision); returns if it is, raises otherwise.  Rolling
+        back on a guess would split the transaction: the log partition is
+        often a participant too, one whose ROLLBACK PREPARED is then likely
+        to fail, and recovery would commit it there alone.
+
+        :raises TwoPhaseError: ``rolled_back``, or ``in_doubt`` (everything
+          left prepared) when the log cannot be asked.
+        """
+        log_name = self.log_partition
+        where = f"partition {log_name!r}" + (
+            f" ({self.sharded.describe_error(log_name, cause)})" if cause is not None else ""
+        )
+        try:
+            rolled_back = _record_rollback(self.sharded, log_name, self.gtrid)
+        except Exception:
+            log.warning("cannot tell whether %s was decided", self.gtrid, exc_info=True)
+            self._keep_prepared = True
+            raise TwoPhaseError(
+                f"recording the commit decision on {where} failed, and whether it was "
+                "recorded cannot be checked; every partition holds the transaction "
+                f"prepared. Run sharded.recover_twophase() once {log_name!r} is reachable: "
+                "it commits or rolls back everywhere, as the log says.",
+                xid=self.gtrid,
+                outcome="in_doubt",
+                partition=log_name,
+            ) from cause
+        if not rolled_back:
+            log.info("the commit decision of %s was recorded despite the error", self.gtrid)
+            return
+        self._abort_prepared(names, names)
+        raise TwoPhaseError(
+            f"could not record the commit decision on {where}; the transaction was rolled "
+            "back on every partition, nothing was applied",
+            xid=self.gtrid,
+            outcome="rolled_back",
+            partition=log_name,
+        ) from cause
 
     def _forget_decision(self) -> None:
         try:
@@ -323,165 +383,3 @@ class MultiPartitionTransaction:
         except Exception:
             # harmless: recover_twophase() removes records with nothing left to do
             log.info("could not remove the decision record of %s", self.gtrid, exc_info=True)
-
-
-def ensure_log_table(conn: Connection) -> None:
-    """Create the two-phase decision log table on this connection's partition if missing."""
-    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": LOG_TABLE})
-    conn.execute(text(_CREATE_LOG))
-
-
-@dataclass(frozen=True)
-class PreparedTransaction:
-    """A prepared (in-doubt) transaction left on a partition."""
-
-    partition: str
-    gid: str
-    gtrid: str | None
-    prepared_at: float
-    owner: str
-
-
-@dataclass(frozen=True)
-class RecoveryAction:
-    """What :func:`recover_twophase` did (or, with ``dry_run``, would do) about one."""
-
-    partition: str
-    gid: str
-    action: str  # "commit", "rollback", "wait" (too recent), "skip" (partition unreachable)
-    reason: str
-
-
-def prepared_transactions(
-    sharded: ShardedEngine, partitions: Sequence[str] | None = None
-) -> tuple[list[PreparedTransaction], dict[str, BaseException]]:
-    """List prepared transactions on the partitions' databases.
-
-    :returns: the transactions, and partition -> error for partitions that
-      could not be asked.
-    """
-    found: list[PreparedTransaction] = []
-    unreachable: dict[str, BaseException] = {}
-    for name in partitions or list(sharded.partitions):
-        try:
-            with sharded.engine(name).connect() as conn:
-                rows = conn.execute(
-                    text(
-                        "SELECT gid, extract(epoch FROM prepared), owner FROM pg_prepared_xacts "
-                        "WHERE database = current_database()"
-                    )
-                ).all()
-        except Exception as exc:
-            unreachable[name] = exc
-            continue
-        for gid, prepared_at, owner in rows:
-            parsed = _parse_gid(gid)
-            found.append(
-                PreparedTransaction(
-                    partition=name,
-                    gid=gid,
-                    gtrid=parsed[0] if parsed else None,
-                    prepared_at=float(prepared_at),
-                    owner=owner,
-                )
-            )
-    return found, unreachable
-
-
-def recover_twophase(
-    sharded: ShardedEngine,
-    *,
-    older_than: float = 60.0,
-    log_partition: str | None = None,
-    dry_run: bool = False,
-) -> list[RecoveryAction]:
-    """Resolve the in-doubt two-phase transactions that sqlalchemy-partpool left behind.
-
-    For each prepared transaction whose id starts with ``partpool:``: commit
-    it if its decision was recorded; roll it back if not and it was prepared
-    more than *older_than* seconds ago (its coordinator has died); otherwise
-    leave it to its coordinator.  Transactions prepared by other software are
-    never touched.  Safe to run at any time and any number of times.
-
-    :param older_than: seconds after which an undecided prepared transaction
-      is presumed abandoned.
-    :param log_partition: where decisions are recorded (default: the first partition).
-    :param dry_run: report what would be done without doing it.
-    :returns: one :class:`RecoveryAction` per prepared transaction seen, plus
-      ``skip`` entries for partitions that could not be reached.
-    :raises PartpoolError: if the decision log cannot be read (then nothing is
-      done: without it, committing and rolling back would both be guesses).
-    """
-    log_name = sharded.resolve(
-        partition=log_partition if log_partition is not None else next(iter(sharded.partitions))
-    )
-    found, unreachable = prepared_transactions(sharded)
-    ours = [p for p in found if p.gtrid is not None]
-    try:
-        with sharded.engine(log_name).begin() as conn:
-            ensure_log_table(conn)
-            decided = {
-                row[0]
-                for row in conn.execute(
-                    text(f"SELECT gtrid FROM {LOG_TABLE} WHERE gtrid = ANY(:g)"),
-                    {"g": sorted({p.gtrid for p in ours if p.gtrid})},
-                )
-            }
-    except Exception as exc:
-        raise PartpoolError(
-            f"cannot read the two-phase decision log on partition {log_name!r} "
-            f"({sharded.describe_error(log_name, exc)}); nothing was resolved. Retry when "
-            "it is reachable.",
-            partition=log_name,
-        ) from exc
-    now = time.time()
-    actions: list[RecoveryAction] = [
-        RecoveryAction(name, "", "skip", sharded.describe_error(name, exc))
-        for name, exc in unreachable.items()
-    ]
-    for prepared in ours:
-        if prepared.gtrid in decided:
-            action, reason = "commit", "the commit was decided"
-        elif now - prepared.prepared_at > older_than:
-            action, reason = "rollback", f"undecided and prepared over {older_than:g}s ago"
-        else:
-            actions.append(
-                RecoveryAction(prepared.partition, prepared.gid, "wait", "prepared recently")
-            )
-            continue
-        if not dry_run:
-            statement = "COMMIT PREPARED" if action == "commit" else "ROLLBACK PREPARED"
-            try:
-                with sharded.engine(prepared.partition).connect() as conn:
-                    conn.execution_options(isolation_level="AUTOCOMMIT").execute(
-                        text(f"{statement} :gid"), {"gid": prepared.gid}
-                    )
-            except Exception as exc:
-                actions.append(
-                    RecoveryAction(
-                        prepared.partition,
-                        prepared.gid,
-                        "skip",
-                        f"{statement} failed: {sharded.describe_error(prepared.partition, exc)}",
-                    )
-                )
-                continue
-            log.warning(
-                "partition %r: %s %s (%s)", prepared.partition, statement, prepared.gid, reason
-            )
-        actions.append(RecoveryAction(prepared.partition, prepared.gid, action, reason))
-    if not dry_run and not unreachable:
-        _prune_log(sharded, log_name, {p.gtrid for p in ours if p.gtrid}, older_than)
-    return actions
-
-
-def _prune_log(sharded: ShardedEngine, log_name: str, pending: set[str], older_than: float) -> None:
-    """Drop decision records with nothing prepared left anywhere."""
-    with sharded.engine(log_name).begin() as conn:
-        conn.execute(
-            text(
-                f"DELETE FROM {LOG_TABLE} WHERE gtrid <> ALL(:pending) "
-                "AND decided_at < now() - make_interval(secs => :age)"
-            ),
-            {"pending": sorted(pending), "age": older_than},
-        )
