@@ -33,7 +33,9 @@ from .errors import (
 )
 from .fanout import AnyResult, Fanout, FanoutResult, MergeMode, OnError
 from .health import PartitionHealth
+from .ids import IdGenerator
 from .maintenance import Maintenance
+from .pinning import Pin, check_pin, pinned
 from .pool import PartitionPool
 from .recovery import RecoveryAction, recover_twophase
 from .routing import Router, make_router
@@ -166,10 +168,35 @@ class ShardedEngine(event.EventTarget):
                         "pass only one of key= and partition=",
                         partition=partition,
                     )
-            return partition
-        if key is NO_KEY:
+            name = partition
+        elif key is NO_KEY:
             raise ShardKeyMissing()
-        return self._router.route(key)
+        else:
+            name = self._router.route(key)
+        check_pin(self, (name,), "this call")
+        return name
+
+    def pinned(self, key: Any) -> AbstractContextManager[Pin]:
+        """Pin this thread / asyncio task to the partition of *key* for a ``with`` block.
+
+        Inside it, every statement routed through this engine (Core calls and
+        the ORM :class:`.ShardedSession`) must stay on that partition; one that
+        would reach another raises :class:`.PinViolation` instead of running.
+        Meant for multi-tenant request handlers::
+
+            with sharded.pinned(request.tenant_id):
+                ...
+
+        :raises ShardKeyMissing: if *key* is ``None``.
+        """
+        return pinned(self, key)
+
+    def id_generator(self, *, worker_id: int | None = None, worker_bits: int = 5) -> IdGenerator:
+        """An :class:`.IdGenerator` whose ids carry this engine's hash buckets.
+
+        :raises ConfigurationError: unless the router is a :class:`.HashRouter`.
+        """
+        return IdGenerator(self._router, worker_id=worker_id, worker_bits=worker_bits)  # type: ignore[arg-type]
 
     # -- engines -----------------------------------------------------------------------
 

@@ -20,18 +20,21 @@ from sqlalchemy import exc as sa_exc
 __all__ = [
     "ConfigurationError",
     "ConnectionReturnError",
+    "DuplicateIdentity",
     "FanoutError",
     "FanoutTimeout",
     "NoPartitionForKey",
     "PartialCommitError",
     "PartitionUnavailable",
     "PartpoolError",
+    "PinViolation",
     "PoolClosed",
     "PoolError",
     "PoolExhausted",
     "PoolTimeout",
     "QueryTimeout",
     "RoutingError",
+    "ShardKeyChanged",
     "ShardKeyMissing",
     "TwoPhaseError",
     "UnknownPartition",
@@ -366,3 +369,42 @@ class TwoPhaseError(PartpoolError):
         self.xid = xid
         self.outcome = outcome
         super().__init__(message, partition=partition)
+
+
+class PinViolation(RoutingError):
+    """A statement would reach a partition other than the one the context is pinned to.
+
+    Raised instead of running, inside ``with sharded.pinned(key):``.
+
+    :ivar pinned: the partition the context is pinned to.
+    :ivar attempted: the partitions the statement would have reached.
+    """
+
+    def __init__(self, pinned: str, attempted: Iterable[str], what: str) -> None:
+        self.pinned = pinned
+        self.attempted = tuple(sorted(attempted))
+        super().__init__(
+            f"{what} would reach partition(s) {_names(self.attempted)}, but this context is "
+            f"pinned to partition {pinned!r}; filter by the pinned key, or leave the "
+            "pinned() block for cross-partition work",
+            partition=pinned,
+        )
+
+
+class DuplicateIdentity(RoutingError):
+    """The same primary key was found on more than one partition.
+
+    :ivar partitions: the partitions holding it.
+    """
+
+    def __init__(self, what: str, partitions: Iterable[str]) -> None:
+        self.partitions = tuple(sorted(partitions))
+        super().__init__(
+            f"{what} exists on partitions {_names(self.partitions)}; a key must live on one "
+            "partition. Pass identity_token=<partition> to choose, and repair the data.",
+            partition=self.partitions[0] if self.partitions else None,
+        )
+
+
+class ShardKeyChanged(RoutingError):
+    """The shard key of a stored object was changed; rows do not move between partitions."""

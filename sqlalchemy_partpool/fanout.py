@@ -43,6 +43,7 @@ from .errors import (
     UnmergeableStatement,
 )
 from .merge import MergePlan, plan, text_sort_columns
+from .pinning import check_pin
 from .watchdog import interrupt_connection, watchdog
 
 if TYPE_CHECKING:
@@ -331,6 +332,7 @@ class Fanout:
         )
         if isinstance(statement, Insert) and isinstance(params, list) and params:
             return self._insert_rows(statement, params, names, key, on_error, timeout)
+        check_pin(self.sharded, names, "execute_all()")
         merge_plan = self._plan(statement, merge, names)
         if tag_partition and merge_plan.kind == "aggregate":
             raise UnmergeableStatement(
@@ -419,6 +421,7 @@ class Fanout:
             return run
 
         ordered = [n for n in names if n in groups]
+        check_pin(self.sharded, ordered, "execute_all(insert(...), rows)")
         outcomes, errors = self._run(
             {n: writer(groups[n]) for n in ordered}, on_error, timeout, autocommit=False
         )
