@@ -21,18 +21,21 @@ from .engine import NO_KEY, ShardedEngine, create_sharded_engine
 from .errors import (
     ConfigurationError,
     ConnectionReturnError,
+    DuplicateIdentity,
     FanoutError,
     FanoutTimeout,
     NoPartitionForKey,
     PartialCommitError,
     PartitionUnavailable,
     PartpoolError,
+    PinViolation,
     PoolClosed,
     PoolError,
     PoolExhausted,
     PoolTimeout,
     QueryTimeout,
     RoutingError,
+    ShardKeyChanged,
     ShardKeyMissing,
     TwoPhaseError,
     UnknownPartition,
@@ -42,6 +45,7 @@ from .errors import (
 from .events import PartitionEvent, ShardedEngineEvents
 from .fanout import FanoutResult
 from .health import PartitionHealth, PartitionState
+from .ids import IdGenerator
 from .pool import PartitionPool
 from .recovery import RecoveryAction
 from .routing import (
@@ -55,6 +59,7 @@ from .routing import (
     make_router,
     pg_hash,
 )
+from .session import ShardedSession, set_shard_id
 from .stats import PoolStats, StatsSnapshot
 from .transactions import MultiPartitionTransaction
 
@@ -69,10 +74,12 @@ __all__ = [
     "CallableRouter",
     "ConfigurationError",
     "ConnectionReturnError",
+    "DuplicateIdentity",
     "FanoutError",
     "FanoutResult",
     "FanoutTimeout",
     "HashRouter",
+    "IdGenerator",
     "LookupRouter",
     "MultiPartitionTransaction",
     "NoPartitionForKey",
@@ -86,6 +93,7 @@ __all__ = [
     "PartitionedConnectionPool",
     "PartpoolError",
     "PgHashRouter",
+    "PinViolation",
     "PoolClosed",
     "PoolError",
     "PoolExhausted",
@@ -97,10 +105,12 @@ __all__ = [
     "RecoveryAction",
     "Router",
     "RoutingError",
+    "ShardKeyChanged",
     "ShardKeyMissing",
     "ShardedConfig",
     "ShardedEngine",
     "ShardedEngineEvents",
+    "ShardedSession",
     "StatsSnapshot",
     "TwoPhaseError",
     "UnknownPartition",
@@ -111,4 +121,5 @@ __all__ = [
     "make_router",
     "mask_url",
     "pg_hash",
+    "set_shard_id",
 ]
