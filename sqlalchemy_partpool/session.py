@@ -392,31 +392,46 @@ class ShardedSession(horizontal_shard.ShardedSession):
         params: Any,
     ) -> list[AnyResult]:
         """Invoke *statement* on each partition, concurrently when possible."""
-        if not self._can_run_concurrently(partitions):
+        mode = self._concurrency(partitions)
+        if mode is None:
             return [self._invoke(orm_context, p, statement, params or None) for p in partitions]
-        # The parts of a Session that threads would share are prepared here: a
-        # flush before, and each partition's connection opened in this thread.
+        # The parts of a Session that concurrent calls would share are prepared
+        # here: a flush before, and each partition's connection opened first.
         self._autoflush()
         for partition in partitions:
             self.connection(bind_arguments={**orm_context.bind_arguments, "shard_id": partition})
+
+        def invoke(partition: str) -> AnyResult:
+            return self._invoke(orm_context, partition, statement, params or None, False)
+
+        if mode == "asyncio":
+            # running under AsyncSession: one greenlet per partition on the event loop
+            import asyncio
+
+            from sqlalchemy.util import await_only, greenlet_spawn
+
+            async def gather() -> list[AnyResult]:
+                return list(await asyncio.gather(*(greenlet_spawn(invoke, p) for p in partitions)))
+
+            return await_only(gather())
         with ThreadPoolExecutor(
             max_workers=min(len(partitions), 32), thread_name_prefix="partpool-orm"
         ) as executor:
-            futures = [
-                executor.submit(self._invoke, orm_context, p, statement, params or None, False)
-                for p in partitions
-            ]
-            return [f.result() for f in futures]
+            return list(executor.map(invoke, partitions))
 
-    def _can_run_concurrently(self, partitions: Sequence[str]) -> bool:
+    def _concurrency(self, partitions: Sequence[str]) -> str | None:
+        """``"threads"``, ``"asyncio"``, or None to run one partition after another."""
         if not self.concurrent or len(partitions) < 2:
-            return False
+            return None
+        modes = set()
         for partition in partitions:
             bind = self.get_bind(shard_id=partition)
             engine = bind.engine if isinstance(bind, Connection) else bind
             if not isinstance(engine, Engine) or engine.dialect.name == "sqlite":
-                return False
-        return True
+                # SQLite connections cannot move between threads
+                return None
+            modes.add("asyncio" if engine.dialect.is_async else "threads")
+        return modes.pop() if len(modes) == 1 else None
 
     def _select_many(self, orm_context: ORMExecuteState, partitions: list[str]) -> AnyResult:
         statement = orm_context.statement
