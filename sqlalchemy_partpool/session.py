@@ -32,7 +32,6 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, event, insert, inspect, update
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine, Result
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
@@ -214,7 +213,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
     def _choose_for_statement(self, orm_context: ORMExecuteState) -> list[str]:
         """execute_chooser: the partitions a statement must go to."""
         assert self.sharded is not None
-        if orm_context.lazy_loaded_from is not None:
+        if orm_context.is_select and orm_context.lazy_loaded_from is not None:
             token = _token_of(orm_context.lazy_loaded_from)
             if token is not None:
                 return [token]
@@ -237,18 +236,23 @@ class ShardedSession(horizontal_shard.ShardedSession):
                     execution_options=orm_context.execution_options,
                     bind_arguments=orm_context.bind_arguments,
                 )
-        found = self._narrow(statement, orm_context.parameters)
+        found = self._narrow(statement, orm_context.parameters, mapper)
         if found is not None:
             # nothing can match: ask one partition, for a correctly shaped empty result
             return sorted(found) or [self._reference_home()]
         return list(self.sharded.partitions)
 
-    def _narrow(self, statement: Any, params: Any = None) -> frozenset[str] | None:
+    def _narrow(
+        self, statement: Any, params: Any = None, mapper: Mapper[Any] | None = None
+    ) -> frozenset[str] | None:
         criteria = getattr(statement, "_where_criteria", None)
         if not criteria:
             return None
         columns: list[Any] = []
-        for entity in _entities_of(statement):
+        entities = _entities_of(statement)
+        if mapper is not None and mapper not in entities:
+            entities.append(mapper)  # UPDATE / DELETE name their entity this way
+        for entity in entities:
             mapper = mapper_of(entity)
             if mapper is not None:
                 routing = model_routing(mapper)
@@ -760,12 +764,14 @@ def _entities_of(statement: Any) -> list[Any]:
 
 
 def _fetch_all(result: AnyResult) -> list[tuple[Any, ...]]:
-    try:
-        return [tuple(row) for row in result.all()]
-    except sa_exc.InvalidRequestError as exc:
-        if "unique()" not in str(exc):
-            raise
-        return [tuple(row) for row in result.unique().all()]
+    # Joined eager loads of collections repeat the parent row: SQLAlchemy marks
+    # such a result as needing unique(), and refuses plain fetching.
+    state = getattr(result, "_unique_filter_state", None)
+    if state is not None and state[1] is not None and getattr(state[1], "__name__", "") == (
+        "require_unique"
+    ):
+        result = result.unique()
+    return [tuple(row) for row in result.all()]
 
 
 def _duplicate_check(
