@@ -41,7 +41,7 @@ from .recovery import RecoveryAction, recover_twophase
 from .routing import Router, make_router
 from .stats import PoolStats, StatsSnapshot
 from .transactions import MultiPartitionTransaction
-from .watchdog import install_query_timeout
+from .watchdog import install_statement_deadlines
 
 if TYPE_CHECKING:
     from sqlalchemy.event.base import dispatcher
@@ -260,7 +260,7 @@ class ShardedEngine(event.EventTarget):
                 partition=partition.name,
             ) from None
         if settings.query_timeout is not None:
-            install_query_timeout(engine, settings.query_timeout, partition.name)
+            install_statement_deadlines(engine, partition.name, settings.query_timeout)
         return engine
 
     def pool(self, name: str) -> PartitionPool:

@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine, Result
+from sqlalchemy.engine import Connection, Result
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.sql import Insert
 from sqlalchemy.sql.selectable import Select
@@ -44,7 +43,13 @@ from .errors import (
 )
 from .merge import MergePlan, plan, text_sort_columns
 from .pinning import check_pin
-from .watchdog import interrupt_connection, watchdog
+from .watchdog import (
+    GRACE,
+    TIMEOUT_OPTION,
+    install_statement_deadlines,
+    interrupt_connection,
+    watchdog,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -61,14 +66,6 @@ else:
 __all__ = ["Fanout", "FanoutResult"]
 
 log = logging.getLogger("sqlalchemy_partpool.fanout")
-
-#: Execution option carrying a per-call timeout (seconds) to the engine hooks.
-TIMEOUT_OPTION = "partpool_timeout"
-
-# The client-side deadline allows the server this much longer than its own
-# statement_timeout, so that the server normally cancels first and the
-# connection survives.
-_GRACE = 0.25
 
 OnError = Literal["raise", "partial"]
 MergeMode = Literal["auto", "concat"]
@@ -165,57 +162,6 @@ def _cancel(partition: str, dbapi_connection: Any) -> None:
         watchdog.disarm(deadline)
 
 
-def _install_timeout_hook(engine: Engine, partition: str) -> None:
-    """Teach *engine* the per-call timeout execution option (once per engine)."""
-    if engine.__dict__.get("_partpool_timeout_hook"):
-        return
-    engine.__dict__["_partpool_timeout_hook"] = True
-
-    def before(
-        conn: Connection, cursor: Any, statement: str, params: Any, context: Any, many: bool
-    ) -> tuple[str, Any]:
-        timeout = context.execution_options.get(TIMEOUT_OPTION) if context is not None else None
-        if timeout is None:
-            return statement, params
-        ms = max(1, round(timeout * 1000))
-        dbapi = conn.connection.dbapi_connection
-        context._partpool_call_deadline = watchdog.arm(
-            timeout + _GRACE, lambda: interrupt_connection(dbapi)
-        )
-        # One round trip: statements of one simple-protocol query run as one
-        # implicit transaction, so SET LOCAL holds for the statement (and for
-        # the rest of an explicit transaction).
-        return f"SET LOCAL statement_timeout = {ms}; {statement}", params
-
-    def after(
-        conn: Connection, cursor: Any, statement: str, params: Any, context: Any, many: bool
-    ) -> None:
-        deadline = getattr(context, "_partpool_call_deadline", None)
-        if deadline is not None:
-            watchdog.disarm(deadline)
-            context._partpool_call_deadline = None
-
-    def on_error(ctx: Any) -> BaseException | None:
-        context = ctx.execution_context
-        deadline = getattr(context, "_partpool_call_deadline", None)
-        if deadline is None:
-            return None
-        context._partpool_call_deadline = None
-        timeout = context.execution_options.get(TIMEOUT_OPTION)
-        if watchdog.disarm(deadline):
-            # the server cancelled it (statement_timeout): same meaning, clearer error
-            if getattr(ctx.original_exception, "pgcode", None) == "57014":
-                return QueryTimeout(partition, timeout=timeout)
-            return None
-        ctx.is_disconnect = True
-        ctx.invalidate_pool_on_disconnect = False
-        return QueryTimeout(partition, timeout=timeout)
-
-    event.listen(engine, "before_cursor_execute", before, retval=True)
-    event.listen(engine, "after_cursor_execute", after)
-    event.listen(engine, "handle_error", on_error)
-
-
 def _shard_key_getter(statement: Insert, key: Any) -> Callable[[Mapping[str, Any]], Any]:
     if callable(key):
         return key  # type: ignore[no-any-return]
@@ -294,7 +240,7 @@ class Fanout:
         engine = self.sharded.engine(partition)
         options: dict[str, Any] = {}
         if timeout is not None:
-            _install_timeout_hook(engine, partition)
+            install_statement_deadlines(engine, partition, None)
             options[TIMEOUT_OPTION] = timeout
         many = isinstance(params, list) and len(params) > 1
         if many:
@@ -441,7 +387,7 @@ class Fanout:
     ) -> tuple[dict[str, Any], dict[str, BaseException]]:
         # The caller gives the servers a moment past the timeout to report their
         # own statement_timeout cancellations before giving up on them.
-        call = _Call(deadline=None if timeout is None else monotonic() + timeout + _GRACE)
+        call = _Call(deadline=None if timeout is None else monotonic() + timeout + GRACE)
         options: dict[str, Any] = {}
         if timeout is not None:
             options[TIMEOUT_OPTION] = timeout
@@ -451,7 +397,7 @@ class Fanout:
         def task(name: str, fn: Callable[[Connection], Any]) -> Any:
             engine = self.sharded.engine(name)
             if timeout is not None:
-                _install_timeout_hook(engine, name)
+                install_statement_deadlines(engine, name, None)
             with engine.connect() as connection:
                 conn = connection.execution_options(**options) if options else connection
                 if not call.started(name, conn.connection.dbapi_connection):

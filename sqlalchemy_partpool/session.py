@@ -767,8 +767,10 @@ def _fetch_all(result: AnyResult) -> list[tuple[Any, ...]]:
     # Joined eager loads of collections repeat the parent row: SQLAlchemy marks
     # such a result as needing unique(), and refuses plain fetching.
     state = getattr(result, "_unique_filter_state", None)
-    if state is not None and state[1] is not None and getattr(state[1], "__name__", "") == (
-        "require_unique"
+    if (
+        state is not None
+        and state[1] is not None
+        and getattr(state[1], "__name__", "") == ("require_unique")
     ):
         result = result.unique()
     return [tuple(row) for row in result.all()]

@@ -30,9 +30,11 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
 __all__ = [
+    "GRACE",
+    "TIMEOUT_OPTION",
     "Deadline",
     "Watchdog",
-    "install_query_timeout",
+    "install_statement_deadlines",
     "interrupt_connection",
     "watchdog",
 ]
@@ -155,26 +157,56 @@ class Watchdog:
 watchdog = Watchdog()
 
 
-def install_query_timeout(engine: Engine, seconds: float, partition: str) -> None:
-    """Bound every statement, commit and rollback on *engine* by *seconds*, client-side.
+#: Execution option carrying a per-call timeout (seconds) to the statement hooks.
+TIMEOUT_OPTION = "partpool_timeout"
 
-    A statement past its deadline has its connection's socket shut down; the
-    caller gets :class:`.QueryTimeout` (the connection is invalidated as a
-    disconnect, without distrusting the rest of the pool).  Commits and
-    rollbacks, including the pool's reset-on-return, get the same deadline.
+# A per-call deadline allows the server this much longer than the
+# statement_timeout sent with the statement, so that the server normally
+# cancels first and the connection survives.
+GRACE = 0.25
+
+
+def install_statement_deadlines(engine: Engine, partition: str, default: float | None) -> None:
+    """Bound statements on *engine* client-side (once per engine; later calls do nothing).
+
+    Each statement gets a deadline: the per-call ``partpool_timeout`` execution
+    option when given (then ``SET LOCAL statement_timeout`` travels in the same
+    round trip, and the client waits :data:`GRACE` longer), otherwise
+    *default* (the partition's ``query_timeout``), otherwise none.  Past it the
+    connection's socket is shut down; the caller gets :class:`.QueryTimeout`
+    and the connection is invalidated as a disconnect, without distrusting the
+    rest of the pool.  With a *default*, commits and rollbacks (including the
+    pool's reset-on-return) get the same deadline.
     """
     from sqlalchemy import event
 
     from .errors import QueryTimeout
 
-    def arm(conn: Any, cursor: Any, statement: Any, params: Any, context: Any, many: Any) -> None:
-        if context is not None:
-            dbapi = conn.connection.dbapi_connection
-            context._partpool_deadline = watchdog.arm(seconds, lambda: interrupt_connection(dbapi))
+    if engine.__dict__.get("_partpool_deadlines"):
+        return
+    engine.__dict__["_partpool_deadlines"] = True
 
-    def disarm(
-        conn: Any, cursor: Any, statement: Any, params: Any, context: Any, many: Any
-    ) -> None:
+    def before(
+        conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: Any
+    ) -> tuple[str, Any]:
+        if context is None:
+            return statement, params
+        timeout = context.execution_options.get(TIMEOUT_OPTION)
+        seconds = default if timeout is None else timeout + GRACE
+        if seconds is None:
+            return statement, params
+        dbapi = conn.connection.dbapi_connection
+        context._partpool_deadline = watchdog.arm(seconds, lambda: interrupt_connection(dbapi))
+        context._partpool_timeout = default if timeout is None else timeout
+        if timeout is None:
+            return statement, params
+        # One round trip: statements of one simple-protocol query run as one
+        # implicit transaction, so SET LOCAL holds for the statement (and for
+        # the rest of an explicit transaction).
+        ms = max(1, round(timeout * 1000))
+        return f"SET LOCAL statement_timeout = {ms}; {statement}", params
+
+    def after(conn: Any, cursor: Any, statement: Any, params: Any, context: Any, many: Any) -> None:
         deadline = getattr(context, "_partpool_deadline", None)
         if deadline is not None:
             watchdog.disarm(deadline)
@@ -186,21 +218,26 @@ def install_query_timeout(engine: Engine, seconds: float, partition: str) -> Non
         if deadline is None:
             return None
         context._partpool_deadline = None
+        timeout = context._partpool_timeout
         if watchdog.disarm(deadline):
+            # the server cancelled it (statement_timeout): same meaning, clearer error
+            if getattr(ctx.original_exception, "pgcode", None) == "57014":
+                return QueryTimeout(partition, timeout=timeout)
             return None  # an ordinary error, before the deadline
         ctx.is_disconnect = True
         # one slow statement says nothing about the other connections
         ctx.invalidate_pool_on_disconnect = False
-        return QueryTimeout(partition, timeout=seconds)
+        return QueryTimeout(partition, timeout=timeout)
 
-    event.listen(engine, "before_cursor_execute", arm)
-    event.listen(engine, "after_cursor_execute", disarm)
+    event.listen(engine, "before_cursor_execute", before, retval=True)
+    event.listen(engine, "after_cursor_execute", after)
     event.listen(engine, "handle_error", on_error)
 
-    dialect = engine.dialect
-    for name in ("do_commit", "do_rollback"):
-        original = getattr(dialect, name)
-        setattr(dialect, name, _guarded(original, seconds, partition, name[3:]))
+    if default is not None:
+        dialect = engine.dialect
+        for name in ("do_commit", "do_rollback"):
+            original = getattr(dialect, name)
+            setattr(dialect, name, _guarded(original, default, partition, name[3:]))
 
 
 def _guarded(
