@@ -3,6 +3,11 @@
 ``partpool status`` checks every configured partition and prints what its
 server says (see :mod:`sqlalchemy_partpool.status` and ``docs/status.md``).
 
+``partpool migrate`` runs alembic migrations on every partition: ``upgrade``,
+``downgrade``, ``stamp``, ``current``, ``history``, ``status`` (revisions and
+drift), ``revision``, ``init`` (see :mod:`sqlalchemy_partpool.migrate_commands`
+and ``docs/migrations.md``).
+
 ``partpool demo`` shows the library working end to end.  Where its partitions
 come from, in order:
 
@@ -29,7 +34,7 @@ from typing import TextIO
 
 from sqlalchemy import text
 
-from . import status
+from . import migrate_commands, status
 from .config import ENV_CONFIG, ENV_PARTITIONS, ShardedConfig
 from .engine import ShardedEngine, create_sharded_engine
 from .errors import ConfigurationError, PartpoolError
@@ -276,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     status_parser.add_argument(
         "--count", type=_positive_int, metavar="N", help="with --watch: stop after N rounds"
     )
+    migrate = sub.add_parser(
+        "migrate",
+        help="run alembic migrations on every partition",
+        description="Run alembic migrations on every partition, each with its own "
+        "alembic_version table, several partitions at once. Exit status: 0 if done, 1 if a "
+        "partition failed (status: drift), 2 for a usage or configuration error.",
+    )
+    migrate_commands.add_arguments(migrate)
     return parser
 
 
@@ -297,6 +310,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             return run_demo(args, out)
         if args.command == "status":
             return run_status(args, out)
+        if args.command == "migrate":
+            return migrate_commands.run(args, out)
     except PartpoolError as exc:
         print(f"partpool: error: {exc}", file=sys.stderr)
         return 1

@@ -66,9 +66,6 @@ class ModelRouting:
     parent: str | None = None
     pk_key_positions: tuple[int, ...] | None = None
     pk_id_generator: IdGenerator | None = None
-    # per key attribute: (relationship, attribute of the related object) pairs
-    # that hold the same value before a flush copies it into the column
-    key_sources: tuple[tuple[tuple[str, str], ...], ...] = ()
 
     def key_of(self, instance: Any) -> Any:
         """The shard key value of *instance* (a tuple for composite keys).
@@ -90,15 +87,7 @@ class ModelRouting:
         return values[0] if len(values) == 1 else values
 
     def _value(self, instance: Any, position: int, attribute: str) -> Any:
-        value = getattr(instance, attribute, None)
-        if value is None and position < len(self.key_sources):
-            for relationship, remote in self.key_sources[position]:
-                related = getattr(instance, relationship, None)
-                if related is not None:
-                    value = getattr(related, remote, None)
-                    if value is not None:
-                        break
-        return value
+        return _resolved(instance, attribute, depth=4)
 
     def key_of_mapping(self, row: Any, number: int) -> Any:
         """The shard key value of a row given as a dict of attribute values."""
@@ -181,17 +170,6 @@ def _read(mapper: Mapper[Any]) -> ModelRouting:
                 f"attribute of {cls.__name__}"
             )
         columns.append(prop.columns[0])
-    sources = []
-    for column in columns:
-        found = []
-        for relationship in mapper.relationships:
-            if relationship.uselist:
-                continue
-            for local, remote in relationship.local_remote_pairs or ():
-                remote_prop = relationship.mapper._columntoproperty.get(remote)
-                if local is column and remote_prop is not None:
-                    found.append((relationship.key, remote_prop.key))
-        sources.append(tuple(found))
     positions: tuple[int, ...] | None = None
     pk_ids = [id(c) for c in pk_columns]
     if all(id(c) in pk_ids for c in columns):
@@ -203,8 +181,34 @@ def _read(mapper: Mapper[Any]) -> ModelRouting:
         key_columns=tuple(columns),
         pk_key_positions=positions,
         pk_id_generator=generator,
-        key_sources=tuple(sources),
     )
+
+
+def _resolved(instance: Any, attribute: str, depth: int) -> Any:
+    """The value of *attribute*, or, while a flush has yet to copy it in from a
+    many-to-one relationship (``Order(customer=c)``), the related object's value
+    (followed a few levels deep: ``Task(project=p)`` with ``Project(tenant=t)``)."""
+    value = getattr(instance, attribute, None)
+    if value is not None or depth == 0:
+        return value
+    mapper = inspect(instance).mapper
+    prop = mapper.attrs.get(attribute) if attribute in mapper.attrs else None
+    columns = getattr(prop, "columns", None)
+    if not columns:
+        return None
+    for relationship in mapper.relationships:
+        if relationship.uselist:
+            continue
+        for local, remote in relationship.local_remote_pairs or ():
+            remote_prop = relationship.mapper._columntoproperty.get(remote)
+            if local is not columns[0] or remote_prop is None:
+                continue
+            related = getattr(instance, relationship.key, None)
+            if related is not None:
+                value = _resolved(related, remote_prop.key, depth - 1)
+                if value is not None:
+                    return value
+    return None
 
 
 def mapper_of(entity: Any) -> Mapper[Any] | None:

@@ -6,7 +6,7 @@ ids in the bucket of a shard key::
 
     ids = IdGenerator(sharded.router)
     order_id = ids.new_id(key=tenant_id)      # lives on tenant_id's partition
-    sharded.partition_for_id(order_id)        # == sharded.partition_for(tenant_id)
+    ids.partition_of(order_id)                # == sharded.partition_for(tenant_id)
 
 so ``session.get(Order, order_id)`` goes straight to one partition, even if
 buckets later move between partitions (the bucket, not the partition, is in

@@ -369,7 +369,7 @@ class PartitionPool(QueuePool):
                         max_waiting=self._max_waiting,
                     )
                 else:
-                    waiter = _Waiter(stack)
+                    waiter = self._new_waiter(stack)
                     self._waiters.append(waiter)
         if expired:
             self._close_records(expired)
@@ -388,6 +388,13 @@ class PartitionPool(QueuePool):
                 )
             raise exhausted
         return self._open_for_caller(0.0, stack)
+
+    def _new_waiter(self, stack: StackFrames | None) -> _Waiter:
+        """The waiter for a caller that must wait; called under the lock.
+
+        A hook for :class:`.AsyncPartitionPool`, whose waiters wake an event loop.
+        """
+        return _Waiter(stack)
 
     def _checked_out(self, record: _PartitionRecord, now: float, stack: StackFrames | None) -> None:
         record.checked_out_at = now

@@ -36,7 +36,7 @@ from sqlalchemy.engine import Connection, Engine, Result
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.ext.horizontal_shard import ShardedQuery, set_shard_id
-from sqlalchemy.orm import Mapper, ORMExecuteState, Query
+from sqlalchemy.orm import Mapper, ORMExecuteState, Query, object_session
 from sqlalchemy.sql import TextClause
 from sqlalchemy.sql.selectable import Select
 
@@ -49,8 +49,9 @@ from .errors import (
     ShardKeyChanged,
     ShardKeyMissing,
     UnknownPartition,
+    UnmergeableStatement,
 )
-from .merge import SortKey, plan
+from .merge import SortKey, plan, text_sort_columns
 from .pinning import check_pin, current_pin
 from .routing.clauses import partitions_for_criteria
 from .transactions import MultiPartitionTransaction
@@ -118,9 +119,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self._coordinator: MultiPartitionTransaction | None = None
         self._forced_partition: str | None = None
         if sharded is not None:
-            self.reference_partition = sharded.resolve(
-                partition=reference_partition or next(iter(sharded.partitions))
-            )
+            home = reference_partition or next(iter(sharded.partitions))
+            if home not in sharded.partitions:
+                raise UnknownPartition(home, sharded.partitions)
+            self.reference_partition = home
             shard_chooser = shard_chooser or self._choose_for_instance
             if identity_chooser is None and "id_chooser" not in kwargs:
                 identity_chooser = self._choose_for_identity
@@ -136,7 +138,6 @@ class ShardedSession(horizontal_shard.ShardedSession):
         event.listen(self, "do_orm_execute", self._execute_routed, retval=True)
         if sharded is not None:
             event.listen(self, "before_flush", self._before_flush)
-            event.listen(self, "after_flush", self._replicate_reference_rows)
 
     # -- the built choosers ------------------------------------------------------------
 
@@ -225,16 +226,19 @@ class ShardedSession(horizontal_shard.ShardedSession):
             )
         mapper = orm_context.bind_mapper
         if mapper is not None:
-            routing = model_routing(mapper)
-            if routing.kind == "reference" and orm_context.is_select:
+            if orm_context.is_select and _only_reference_tables(statement, mapper):
                 return [self._reference_home()]
             identity = _primary_key_lookup(orm_context, mapper)
             if identity is not None:
-                return self._choose_for_identity(
-                    mapper,
-                    identity,
-                    execution_options=orm_context.execution_options,
-                    bind_arguments=orm_context.bind_arguments,
+                # the identity chooser in use: ours, or one the user passed
+                return list(
+                    self.identity_chooser(
+                        mapper,
+                        identity,
+                        lazy_loaded_from=None,
+                        execution_options=orm_context.execution_options,
+                        bind_arguments=orm_context.bind_arguments,
+                    )
                 )
         found = self._narrow(statement, orm_context.parameters, mapper)
         if found is not None:
@@ -441,6 +445,15 @@ class ShardedSession(horizontal_shard.ShardedSession):
         statement = orm_context.statement
         assert isinstance(statement, Select)
         merge_plan = plan(statement)
+        if self.sharded is not None:
+            risky = text_sort_columns(merge_plan)
+            if risky and not all(self.sharded.sorts_like_python(p) for p in partitions):
+                raise UnmergeableStatement(
+                    f"ORDER BY {', '.join(str(c) for c in risky)} sorts text (or an enum) "
+                    "with the partition's collation, which the merge cannot reproduce; "
+                    "sort with column.collate('C'), or use databases created with the C "
+                    "collation"
+                )
         per_partition = merge_plan.statement
         width = len(statement.column_descriptions)
         sort = merge_plan.sort
@@ -474,12 +487,21 @@ class ShardedSession(horizontal_shard.ShardedSession):
             metadata = first.columns(*range(width))._metadata
         else:
             rows = [row for row, _ in merged]
-        scalars = bool(first._source_supports_scalars) and width == 1
-        if scalars:
+        # decided by the statement, not by the partition results (which carry
+        # the extra sort columns when ordered)
+        single = (
+            width == 1
+            and statement.column_descriptions[0].get("entity") is not None
+            and (
+                statement.column_descriptions[0].get("expr")
+                is statement.column_descriptions[0].get("entity")
+            )
+        )
+        if single:
             # single-entity ORM results carry bare objects, not 1-tuples
             rows = [row[0] for row in rows]
-        result: AnyResult = IteratorResult(metadata, iter(rows), _source_supports_scalars=scalars)
-        result._attributes = first._attributes
+        result: AnyResult = IteratorResult(metadata, iter(rows), _source_supports_scalars=single)
+        result._attributes = first._attributes.union({"is_single_entity": single})
         return result
 
     def _insert_routed(self, orm_context: ORMExecuteState) -> AnyResult:
@@ -488,10 +510,35 @@ class ShardedSession(horizontal_shard.ShardedSession):
         mapper = orm_context.bind_mapper
         params = orm_context.parameters
         rows: list[Any] = params if isinstance(params, list) else [params] if params else []
-        if mapper is None or not rows:
-            chosen = list(self.execute_chooser(orm_context))
-            return self._invoke(orm_context, chosen[0])
+        if mapper is None:
+            return self._invoke(orm_context, self._choose_for_instance(None, None))
         routing = model_routing(mapper)
+        if not rows:
+            # INSERT ... VALUES given in the statement itself
+            values = _insert_values(orm_context.statement, mapper)
+            if values is None:
+                raise ShardKeyMissing(
+                    f"cannot tell which partition this INSERT into {mapper.class_.__name__} "
+                    "belongs to: give the rows as parameters (session.execute(insert(Model), "
+                    "rows)) or pass bind_arguments={'shard_id': <partition>}"
+                )
+            rows = values
+            if routing.kind == "sharded" and len(rows) == 1:
+                partition = self._route(routing.key_of_mapping(rows[0], 0))
+                check_pin(self.sharded, (partition,), "this insert")
+                with self._on_partition(partition):
+                    return self._invoke(orm_context, partition)
+            if routing.kind == "sharded":
+                raise ShardKeyMissing(
+                    "a multi-row INSERT ... VALUES cannot be split across partitions: pass "
+                    "the rows as parameters instead, session.execute(insert(Model), rows)"
+                )
+        if routing.kind == "parent":
+            raise RoutingError(
+                f"{mapper.class_.__name__} follows its {routing.parent!r} relationship to "
+                "find its partition, so rows given as dicts cannot be routed: add objects "
+                "instead, or give the model a shard key column (__shard_key__)"
+            )
         if routing.kind == "reference":
             groups = {p: rows for p in self._reference_targets()}
         elif routing.kind == "sharded":
@@ -553,6 +600,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
                             "rows do not move between partitions. Delete it and add a new "
                             "one instead (nothing was written)"
                         )
+        for obj in (*self.new, *self.dirty, *self.deleted):
+            mapper = inspect(obj).mapper
+            if model_routing(mapper).kind == "reference":
+                _replicate_reference_rows(mapper)
         pending = []
         for obj in self.new:
             state = inspect(obj)
@@ -564,50 +615,31 @@ class ShardedSession(horizontal_shard.ShardedSession):
         for position, (_, _, state) in enumerate(pending):
             state.insert_order = position
 
-    def _replicate_reference_rows(self, session: Any, flush_context: Any) -> None:
-        """Copy inserts, updates and deletes of reference tables to the other partitions."""
-        home_of: dict[int, str] = {}
-        work: list[tuple[str, Any, Any]] = []
-        for kind, objects in (
-            ("insert", self.new),
-            ("update", self.dirty),
-            ("delete", self.deleted),
-        ):
-            for obj in objects:
-                state = inspect(obj)
-                if model_routing(state.mapper).kind != "reference":
-                    continue
-                if kind == "update" and not self._is_modified_columns(state):
-                    continue
-                home_of[id(state)] = state.identity_token or self._reference_home()
-                work.append((kind, state, obj))
-        if not work:
-            return
-        targets = self._reference_targets()
-        for kind, state, obj in work:
-            mapper = state.mapper
-            table = mapper.local_table
-            values = {
-                c.key: mapper.get_property_by_column(c).class_attribute.__get__(obj, None)
-                for c in table.columns
-                if c in mapper._columntoproperty
-            }
-            pk = {c.key: values[c.key] for c in mapper.primary_key}
-            where = [table.c[k] == v for k, v in pk.items()]
-            for partition in targets:
-                if partition == home_of[id(state)]:
-                    continue
-                conn = self.connection(bind_arguments={"shard_id": partition})
-                if kind == "insert":
-                    conn.execute(insert(table).values(values))
-                elif kind == "update":
-                    conn.execute(update(table).where(*where).values(values))
-                else:
-                    conn.execute(delete(table).where(*where))
+    def _replicate_row(self, kind: str, mapper: Mapper[Any], target: Any) -> None:
+        """Copy one reference-table row change from its home partition to the others.
 
-    @staticmethod
-    def _is_modified_columns(state: Any) -> bool:
-        return any(state.attrs[p.key].history.has_changes() for p in state.mapper.column_attrs)
+        Runs right after the row's own statement (a mapper event), so that rows
+        flushed later in the same flush can refer to it on every partition.
+        """
+        state = inspect(target)
+        home = _token_of(state) or self._reference_home()
+        table: Any = mapper.local_table
+        values: dict[str, Any] = {
+            str(column.key): state.attrs[mapper._columntoproperty[column].key].value
+            for column in table.columns
+            if column in mapper._columntoproperty
+        }
+        where = [table.c[c.key] == values[str(c.key)] for c in mapper.primary_key]
+        for partition in self._reference_targets():
+            if partition == home:
+                continue
+            conn = self.connection(bind_arguments={"shard_id": partition})
+            if kind == "insert":
+                conn.execute(insert(table).values(values))
+            elif kind == "update":
+                conn.execute(update(table).where(*where).values(values))
+            else:
+                conn.execute(delete(table).where(*where))
 
     # -- bulk operations ---------------------------------------------------------------
 
@@ -728,6 +760,9 @@ def _explicit_shard(orm_context: ORMExecuteState) -> str | None:
         return str(active._identity_token)
     if "_sa_shard_id" in orm_context.execution_options:
         return str(orm_context.execution_options["_sa_shard_id"])
+    # also how relationship loaders (selectinload, ...) carry the parents' partition
+    if orm_context.execution_options.get("identity_token") is not None:
+        return str(orm_context.execution_options["identity_token"])
     if "shard_id" in orm_context.bind_arguments:
         return str(orm_context.bind_arguments["shard_id"])
     return None
@@ -749,6 +784,73 @@ def _primary_key_lookup(
         return tuple(params[get_params[c].key] for c in mapper.primary_key)
     except KeyError:
         return None
+
+
+_replicated: set[Mapper[Any]] = set()
+
+
+def _replicate_reference_rows(mapper: Mapper[Any]) -> None:
+    """Make flushes of *mapper*'s rows copy themselves to every partition (once per mapper)."""
+    if mapper in _replicated:
+        return
+    _replicated.add(mapper)
+
+    def listener(kind: str) -> Any:
+        def replicate(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
+            session = object_session(target)
+            if isinstance(session, ShardedSession) and session.sharded is not None:
+                session._replicate_row(kind, mapper, target)
+
+        return replicate
+
+    for kind in ("insert", "update", "delete"):
+        event.listen(mapper, f"after_{kind}", listener(kind))
+
+
+def _insert_values(statement: Any, mapper: Mapper[Any]) -> list[dict[str, Any]] | None:
+    """The rows of an ``insert().values(...)``, by attribute name, or None if not literal."""
+    from sqlalchemy.sql import elements
+
+    multi = getattr(statement, "_multi_values", ())
+    single = getattr(statement, "_values", None)
+    raw_rows: list[Any] = [dict(row) for row in multi[0]] if multi else []
+    if single:
+        raw_rows = [dict(single)]
+    if not raw_rows:
+        return None
+    rows = []
+    for raw in raw_rows:
+        row: dict[str, Any] = {}
+        for column, given in raw.items():
+            key = column if isinstance(column, str) else getattr(column, "key", None)
+            prop = mapper._columntoproperty.get(column) if not isinstance(column, str) else None
+            if prop is not None:
+                key = prop.key
+            value = given
+            if isinstance(given, elements.BindParameter):
+                value = given.effective_value
+            elif isinstance(given, elements.ClauseElement):
+                return None
+            row[str(key)] = value
+        rows.append(row)
+    return rows
+
+
+def _only_reference_tables(statement: Any, mapper: Mapper[Any]) -> bool:
+    """True if every table *statement* reads is a reference table (on every partition)."""
+    from sqlalchemy.sql.util import find_tables
+
+    by_table = {m.local_table: m for m in mapper.registry.mappers}
+    tables = find_tables(statement, include_joins=True, include_aliases=True)
+    found = False
+    for table in tables:
+        owner = by_table.get(table)
+        if owner is None or model_routing(owner).kind != "reference":
+            if hasattr(table, "columns") and not hasattr(table, "left"):
+                return False
+            continue
+        found = True
+    return found
 
 
 def _entities_of(statement: Any) -> list[Any]:

@@ -39,6 +39,7 @@ from sqlalchemy_partpool import (
     ShardKeyChanged,
     ShardKeyMissing,
     UnknownPartition,
+    UnmergeableStatement,
     create_sharded_engine,
     set_shard_id,
 )
@@ -53,6 +54,7 @@ class Customer(Base):
     __shard_key__ = "id"
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     name: Mapped[str] = mapped_column(String(50))
+    country_code: Mapped[str | None] = mapped_column(ForeignKey("countries.code"), default=None)
     orders: Mapped[list[Order]] = relationship(back_populates="customer")
 
 
@@ -558,3 +560,110 @@ def test_sqlalchemy_style_hand_written_choosers_keep_working(orm):
         assert session.scalars(select(Customer).where(Customer.id == 77)).one().name == "hand"
     finally:
         session.close()
+
+
+# -- regressions -----------------------------------------------------------------------
+
+
+def test_a_session_can_be_made_inside_a_pin_and_eager_loads_stay_there(orm):
+    sharded, _, statements = orm
+    populate(sharded)
+    with sharded.pinned(7), ShardedSession(sharded) as session:
+        reset(statements)
+        customer = session.scalars(
+            select(Customer).where(Customer.id == 7).options(selectinload(Customer.orders))
+        ).one()
+        assert len(customer.orders) == 3
+        assert touched(statements) == {sharded.partition_for(7)}
+
+
+def test_reference_and_sharded_rows_in_one_flush_and_joined_reads(orm):
+    sharded, _, _ = orm
+    with ShardedSession(sharded) as session:
+        session.add(Country(code="de", name="Germany"))
+        # customers on every partition refer to the new reference row
+        session.add_all([Customer(id=i, name=f"c{i}", country_code="de") for i in range(1, 13)])
+        session.commit()
+    with ShardedSession(sharded) as session:
+        rows = session.execute(
+            select(Country.code, func.count(Customer.id))
+            .join_from(Customer, Country)
+            .group_by(Country.code)
+        ).all()
+        assert [tuple(r) for r in rows] == [("de", 12)]
+
+
+def test_insert_values_in_the_statement_goes_to_the_keys_partition(orm):
+    sharded, urls, _ = orm
+    with ShardedSession(sharded) as session:
+        session.execute(insert(Customer).values(id=1001, name="values"))
+        session.commit()
+    home = sharded.partition_for(1001)
+    assert [direct_count(u, "customers") for u in urls] == [
+        1 if f"p{i}" == home else 0 for i in range(4)
+    ]
+
+
+def test_legacy_query_across_partitions_yields_objects(orm):
+    sharded, _, _ = orm
+    populate(sharded, customers=6, orders_each=0)
+    with ShardedSession(sharded) as session:
+        customers = session.query(Customer).order_by(Customer.id.desc()).limit(3).all()
+        assert [c.id for c in customers] == [6, 5, 4]
+        assert all(isinstance(c, Customer) for c in customers)
+
+
+def test_text_ordering_with_a_language_collation_is_refused(pg_server):
+    names = [f"icu_{i}_{id(pg_server)}" for i in range(2)]
+    urls = []
+    raw = pg_server.connect()
+    raw.autocommit = True
+    try:
+        with raw.cursor() as cur:
+            for name in names:
+                cur.execute(
+                    f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu "
+                    "ICU_LOCALE 'en-US' LOCALE 'C'"
+                )
+                urls.append(pg_server.url(name))
+    finally:
+        raw.close()
+    sharded = create_sharded_engine({"a": urls[0], "b": urls[1]}, min_connections=0)
+    try:
+        for _, engine in sharded.engines():
+            Base.metadata.create_all(engine)
+        with ShardedSession(sharded) as session:
+            with pytest.raises(UnmergeableStatement, match="collate"):
+                session.scalars(select(Customer.name).order_by(Customer.name)).all()
+            # an explicit byte-order collation merges fine
+            session.scalars(
+                select(Customer.name.collate("C")).order_by(Customer.name.collate("C"))
+            ).all()
+        with pytest.raises(UnmergeableStatement, match="collate"):
+            sharded.execute_all(select(Customer.name).order_by(Customer.name))
+    finally:
+        sharded.dispose()
+        for name in names:
+            pg_server.drop_database(name)
+
+
+def test_a_users_identity_chooser_decides_where_get_looks(orm):
+    sharded, _, statements = orm
+    populate(sharded)
+    session = ShardedSession(
+        sharded=sharded,
+        identity_chooser=lambda mapper, pk, **kw: [sharded.partition_for(pk[0] // 100)],
+    )
+    try:
+        reset(statements)
+        order = session.get(Order, 502)
+        assert order.customer_id == 5
+        assert touched(statements) == {sharded.partition_for(5)}
+    finally:
+        session.close()
+
+
+def test_rows_of_a_model_that_follows_its_parent_cannot_be_bulk_inserted(orm):
+    sharded, _, _ = orm
+    with ShardedSession(sharded) as session, pytest.raises(RoutingError, match="add objects"):
+        session.execute(insert(OrderLine), [{"id": 1, "order_id": 1, "sku": "x"}])
