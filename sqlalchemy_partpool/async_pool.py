@@ -16,7 +16,11 @@ so nothing here may block the loop:
   by ``ping_timeout`` with an asyncio timeout on the loop.  (The threaded
   pools' watchdog shuts sockets down from another thread; that is not safe
   for asyncio connections.)  A ping past its deadline is cancelled, and the
-  connection is invalidated and closed.
+  connection is invalidated and closed (asyncpg stops at once; psycopg first
+  has the server cancel the query, within its own 5 s bounds).
+* Used outside SQLAlchemy's greenlet bridge, the pool raises
+  :class:`~sqlalchemy.exc.MissingGreenlet` before touching anything, rather
+  than counting the failed awaits against the partition's health.
 * Connections are always closed with the dialect's ``terminate``: asyncpg gets
   two seconds to say goodbye to the server and then drops the socket,
   psycopg closes locally.  So no close waits on an unresponsive server.
@@ -100,9 +104,9 @@ else:  # pragma: no cover - exercised on 3.10 only
 class _LoopEvent(threading.Event):
     """A waiter's event that is awaited on an event loop instead of blocking a thread.
 
-    The pool sets it under its lock, from the loop (a connection returned by
-    another task) or from any thread (a connection finalised by the garbage
-    collector); :meth:`wait` awaits it through the greenlet bridge.
+    The pool sets it from the loop (a connection returned by another task) or
+    from any thread (a connection finalised by the garbage collector);
+    :meth:`wait` awaits it through the greenlet bridge.
 
     :param loop: the loop the waiting caller runs on.
     :param abandon: called if the wait ends with an exception (a cancellation),

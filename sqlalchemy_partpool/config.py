@@ -582,7 +582,8 @@ def _parse_url(name: str, url: Any) -> URL:
     if parsed.get_backend_name() != "postgresql":
         raise ConfigurationError(
             f"url {mask_url(parsed)!r} is not a PostgreSQL URL; sqlalchemy-partpool "
-            "works with postgresql:// (psycopg2) URLs",
+            "works with postgresql:// URLs (postgresql+psycopg2, or +asyncpg / +psycopg "
+            "for the asyncio engine)",
             partition=name,
             option="url",
         )
