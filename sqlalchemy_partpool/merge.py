@@ -326,7 +326,9 @@ def _int_or_none(value: Any) -> int | None:
     return int(value)
 
 
-def plan(statement: Any, keys: Sequence[str] | None = None) -> MergePlan:
+def plan(
+    statement: Any, keys: Sequence[str] | None = None, *, extra_sort_columns: bool = False
+) -> MergePlan:
     """Work out how to run *statement* on many partitions and merge the results.
 
     :param statement: any executable; only :class:`~sqlalchemy.sql.expression.Select`
@@ -334,6 +336,11 @@ def plan(statement: Any, keys: Sequence[str] | None = None) -> MergePlan:
     :param keys: the result column names SQLAlchemy gives the original
       statement (from its compiled form); used for the merged result and to
       resolve ORDER BY labels.
+    :param extra_sort_columns: the caller adds every ``sort_columns`` entry to
+      the per-partition select list itself (as the ORM session does), so an
+      ORDER BY expression outside the select list can be merged too (without
+      aggregates, GROUP BY or DISTINCT); its :class:`SortKey` then points past
+      the original columns.
     :raises UnmergeableStatement: if the merged result could be wrong.
     """
     if not isinstance(statement, Select):
@@ -364,9 +371,20 @@ def plan(statement: Any, keys: Sequence[str] | None = None) -> MergePlan:
     has_aggregates = any(k is not None for k in kinds)
 
     sort: list[SortKey] = []
+    extra: list[Any] = []
     for clause in statement._order_by_clauses:
         element, descending, nulls_first = _sort_terms(clause)
-        index = _resolve(element, columns, names, "ORDER BY")
+        try:
+            index = _resolve(element, columns, names, "ORDER BY")
+        except UnmergeableStatement:
+            carried = isinstance(element, elements.ColumnElement) and not isinstance(
+                element, elements._label_reference | elements._textual_label_reference
+            )
+            simple = not (has_aggregates or grouped or statement._distinct)
+            if not (extra_sort_columns and carried and simple):
+                raise
+            index = len(columns) + len(extra)
+            extra.append(element)
         sort.append(
             SortKey(
                 index=index,
@@ -375,7 +393,7 @@ def plan(statement: Any, keys: Sequence[str] | None = None) -> MergePlan:
                 nulls_first=descending if nulls_first is None else nulls_first,
             )
         )
-    sort_columns = tuple(columns[k.index] for k in sort)
+    sort_columns = tuple((*columns, *extra)[k.index] for k in sort)
     base = MergePlan(
         kind="concat",
         statement=statement,

@@ -218,6 +218,10 @@ class ShardedSession(horizontal_shard.ShardedSession):
             token = _token_of(orm_context.lazy_loaded_from)
             if token is not None:
                 return [token]
+        if orm_context.is_select and orm_context.execution_options.get("identity_token"):
+            # a relationship loader (selectinload, ...) of objects from one
+            # partition: related rows live on their parent's partition
+            return [str(orm_context.execution_options["identity_token"])]
         statement = orm_context.statement
         if isinstance(statement, TextClause):
             raise ShardKeyMissing(
@@ -444,7 +448,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
     def _select_many(self, orm_context: ORMExecuteState, partitions: list[str]) -> AnyResult:
         statement = orm_context.statement
         assert isinstance(statement, Select)
-        merge_plan = plan(statement)
+        merge_plan = plan(statement, extra_sort_columns=True)
         if self.sharded is not None:
             risky = text_sort_columns(merge_plan)
             if risky and not all(self.sharded.sorts_like_python(p) for p in partitions):
@@ -459,8 +463,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         sort = merge_plan.sort
         if merge_plan.kind == "ordered":
             # rows may hold objects: carry each ORDER BY value as an extra column
-            columns = list(statement.selected_columns)
-            extra = [columns[k.index].label(f"_partpool_sort_{i}") for i, k in enumerate(sort)]
+            extra = [c.label(f"_partpool_sort_{i}") for i, c in enumerate(merge_plan.sort_columns)]
             per_partition = per_partition.add_columns(*extra)
             merge_plan.sort = tuple(
                 SortKey(width + i, k.descending, k.nulls_first) for i, k in enumerate(sort)
@@ -471,6 +474,17 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 r.keyname for r in statement.compile(dialect=engine.dialect)._result_columns
             ]
         results = self._run_each(orm_context, partitions, per_partition, orm_context.parameters)
+        if (
+            merge_plan.kind == "concat"
+            and not merge_plan.distinct
+            and merge_plan.limit is None
+            and not merge_plan.offset
+            and not _is_primary_key_lookup(orm_context)
+        ):
+            # Nothing to merge: SQLAlchemy's own merged result keeps what its
+            # ShardedSession gives (yield_per chunks, rows loaded as iterated,
+            # the unique() requirement of joined eager collections).
+            return results[0].merge(*results[1:])
         fetched = [(p, _fetch_all(r)) for p, r in zip(partitions, results)]
         if merge_plan.kind == "aggregate":
             totals = [row for row, _ in merge_plan.merge(fetched)]
@@ -489,14 +503,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
             rows = [row for row, _ in merged]
         # decided by the statement, not by the partition results (which carry
         # the extra sort columns when ordered)
-        single = (
-            width == 1
-            and statement.column_descriptions[0].get("entity") is not None
-            and (
-                statement.column_descriptions[0].get("expr")
-                is statement.column_descriptions[0].get("entity")
-            )
-        )
+        single = _single_entity(orm_context, statement)
         if single:
             # single-entity ORM results carry bare objects, not 1-tuples
             rows = [row[0] for row in rows]
@@ -746,26 +753,53 @@ def _token_of(state: Any) -> str | None:
     return str(token) if token is not None else None
 
 
-def _explicit_shard(orm_context: ORMExecuteState) -> str | None:
-    """The partition a statement names itself, as SQLAlchemy's sharding reads it."""
+def _explicit_shard(orm_context: ORMExecuteState) -> Any:
+    """The partition a statement names itself, as SQLAlchemy's sharding reads it.
+
+    Returned as given, not as a string: SQLAlchemy takes any hashable shard id
+    (``shards={1: engine}``, ``set_shard_id(1)``), and its identity tokens keep it.
+    The ``identity_token`` that relationship loaders carry is not read here:
+    with the user's choosers, SQLAlchemy sends those loads where the
+    execute_chooser says (related rows may live on other shards).
+    """
     for option in orm_context._non_compile_orm_options:
         if isinstance(option, set_shard_id):
-            return str(option.shard_id)
+            return option.shard_id
     active: Any = None
     if orm_context.is_select:
         active = orm_context.load_options
     elif orm_context.is_update or orm_context.is_delete:
         active = orm_context.update_delete_options
     if active is not None and active._identity_token is not None:
-        return str(active._identity_token)
+        return active._identity_token
     if "_sa_shard_id" in orm_context.execution_options:
-        return str(orm_context.execution_options["_sa_shard_id"])
-    # also how relationship loaders (selectinload, ...) carry the parents' partition
-    if orm_context.execution_options.get("identity_token") is not None:
-        return str(orm_context.execution_options["identity_token"])
+        return orm_context.execution_options["_sa_shard_id"]
     if "shard_id" in orm_context.bind_arguments:
-        return str(orm_context.bind_arguments["shard_id"])
+        return orm_context.bind_arguments["shard_id"]
     return None
+
+
+def _is_primary_key_lookup(orm_context: ORMExecuteState) -> bool:
+    mapper = orm_context.bind_mapper
+    return mapper is not None and _primary_key_lookup(orm_context, mapper) is not None
+
+
+def _single_entity(orm_context: ORMExecuteState, statement: Select[Any]) -> bool:
+    """Whether SQLAlchemy hands out each row of *statement* as one object, not a tuple.
+
+    The test of SQLAlchemy's loader (``loading.instances``): one entity that
+    supports it (a mapped class, not a column or a plain Bundle), and no
+    ``Query.only_return_tuples()``.
+    """
+    if orm_context.load_options._only_return_tuples:
+        return False
+    from sqlalchemy.orm import context
+
+    compile_state_cls: Any = getattr(context, "_ORMSelectCompileState", None)
+    if compile_state_cls is None:  # SQLAlchemy 2.0 names it without the underscore
+        compile_state_cls = context.ORMSelectCompileState  # type: ignore[attr-defined]
+    entities = compile_state_cls._create_entities_collection(statement, legacy=False)._entities
+    return len(entities) == 1 and bool(entities[0].supports_single_entity)
 
 
 def _primary_key_lookup(
