@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Literal
@@ -248,9 +249,7 @@ class Fanout:
             with engine.begin() as conn:
                 result = conn.execute(statement, params, execution_options=options)
                 return _buffer(result)
-        with engine.connect() as conn:
-            # isolation_level is a connection option: per statement it would be ignored
-            conn.execution_options(isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn, _autocommit(conn):
             result = conn.execute(statement, params, execution_options=options)
             return _buffer(result)
 
@@ -391,8 +390,6 @@ class Fanout:
         options: dict[str, Any] = {}
         if timeout is not None:
             options[TIMEOUT_OPTION] = timeout
-        if autocommit:
-            options["isolation_level"] = "AUTOCOMMIT"
 
         def task(name: str, fn: Callable[[Connection], Any]) -> Any:
             engine = self.sharded.engine(name)
@@ -403,9 +400,11 @@ class Fanout:
                 if not call.started(name, conn.connection.dbapi_connection):
                     raise FanoutError({name: RuntimeError("cancelled")}, {name: "cancelled"})
                 try:
+                    if autocommit:
+                        with _autocommit(conn):
+                            return fn(conn)
                     value = fn(conn)
-                    if not autocommit:
-                        conn.commit()
+                    conn.commit()
                     return value
                 finally:
                     call.finished(name)
@@ -463,6 +462,29 @@ class Fanout:
 
     def _failure(self, errors: dict[str, BaseException]) -> FanoutError:
         return FanoutError(errors, self._describe(errors))
+
+
+@contextmanager
+def _autocommit(conn: Connection) -> Iterator[None]:
+    """Run the block's statements in autocommit mode, each its own transaction.
+
+    A single statement is atomic anyway, and autocommit spares the round trips
+    of ``BEGIN`` and of the ``ROLLBACK`` at check-in.  The driver's own
+    ``autocommit`` flag is switched (client-side in psycopg2 and psycopg 3);
+    SQLAlchemy's ``isolation_level="AUTOCOMMIT"`` would cost a ``SET`` round
+    trip when the connection is returned.
+    """
+    dbapi = conn.connection.dbapi_connection
+    if dbapi is None or not hasattr(dbapi, "autocommit"):
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        yield
+        return
+    dbapi.autocommit = True
+    try:
+        yield
+    finally:
+        if not getattr(dbapi, "closed", False):
+            dbapi.autocommit = False
 
 
 def _buffer(result: AnyResult) -> AnyResult:
