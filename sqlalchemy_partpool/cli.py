@@ -5,7 +5,7 @@ server says (see :mod:`sqlalchemy_partpool.status` and ``docs/status.md``).
 
 ``partpool migrate`` runs alembic migrations on every partition: ``upgrade``,
 ``downgrade``, ``stamp``, ``current``, ``history``, ``status`` (revisions and
-drift), ``revision``, ``init`` (see :mod:`sqlalchemy_partpool.migrate_commands`
+drift), ``revision``, ``init`` (see :mod:`sqlalchemy_partpool.migrate_cli`
 and ``docs/migrations.md``).
 
 ``partpool demo`` shows the library working end to end.  Where its partitions
@@ -34,7 +34,7 @@ from typing import TextIO
 
 from sqlalchemy import text
 
-from . import migrate_commands, status
+from . import migrate_cli, status
 from .config import ENV_CONFIG, ENV_PARTITIONS, ShardedConfig
 from .engine import ShardedEngine, create_sharded_engine
 from .errors import ConfigurationError, PartpoolError
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
         "alembic_version table, several partitions at once. Exit status: 0 if done, 1 if a "
         "partition failed (status: drift), 2 for a usage or configuration error.",
     )
-    migrate_commands.add_arguments(migrate)
+    migrate_cli.add_arguments(migrate)
     return parser
 
 
@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         if args.command == "status":
             return run_status(args, out)
         if args.command == "migrate":
-            return migrate_commands.run(args, out)
+            return migrate_cli.run(args, out)
     except PartpoolError as exc:
         print(f"partpool: error: {exc}", file=sys.stderr)
         return 1

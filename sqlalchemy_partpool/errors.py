@@ -23,6 +23,7 @@ __all__ = [
     "DuplicateIdentity",
     "FanoutError",
     "FanoutTimeout",
+    "MigrationLocked",
     "NoPartitionForKey",
     "PartialCommitError",
     "PartitionUnavailable",
@@ -408,3 +409,21 @@ class DuplicateIdentity(RoutingError):
 
 class ShardKeyChanged(RoutingError):
     """The shard key of a stored object was changed; rows do not move between partitions."""
+
+
+class MigrationLocked(PartpoolError):
+    """Another run holds a partition's migration lock.
+
+    :ivar holder: who holds it (``pid 4242, partpool-migrate/p3, for 2.1 s``), if visible.
+    """
+
+    def __init__(self, partition: str, holder: str | None, waited: float) -> None:
+        waiting = "did not wait" if waited <= 0 else f"waited {waited:g} s"
+        super().__init__(
+            f"partition {partition!r} is being migrated by another run "
+            f"({holder or 'holder not visible'}); {waiting}. Let that run finish and run "
+            "this command again, or pass --lock-timeout SECONDS (alembic: -x "
+            "lock_timeout=SECONDS) to wait for it.",
+            partition=partition,
+        )
+        self.holder = holder

@@ -7,6 +7,8 @@ use processes: the *coordinator* (the process running ``env.py`` for
 ``alembic upgrade`` or ``partpool migrate upgrade``) starts one worker per
 partition, at most ``jobs`` at a time, and each worker runs the very same
 alembic command with the same configuration, restricted to its partition.
+Workers are forked from a launcher process that has imported alembic and
+SQLAlchemy once (see :mod:`.migrate_launch`).
 
 How a worker learns the command (:func:`command_spec`), in order:
 
@@ -23,9 +25,10 @@ one after another in-process instead.
 
 The worker gets a JSON *spec* file: the command, the alembic configuration file,
 section and main options, the ``-x`` arguments, the ``config.attributes`` that
-JSON can carry (``configure_logger``, say) and the partition to migrate; plus, when the partitions' configuration was handed to the coordinator as an
-object (``config.attributes["partpool.config"]``) rather than read from a file
-or the environment, that object pickled.  Both live in a private temporary
+JSON can carry (``configure_logger``, say) and the partition to migrate; plus,
+when the partitions' configuration was handed to the coordinator as an object
+(``config.attributes["partpool.config"]``) rather than read from a file or the
+environment, that object pickled.  Both live in a private temporary
 directory (mode 0700) removed when the run ends.  The worker writes its
 :class:`.PartitionOutcome` as JSON to a result file; its output goes to a log
 file that the coordinator relays (plain-log mode) and quotes when a worker dies
@@ -39,7 +42,7 @@ import logging
 import os
 import pickle
 import shutil
-import subprocess
+import site
 import sys
 import tempfile
 import time
@@ -48,8 +51,9 @@ from argparse import Namespace
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
+from .migrate_launch import Launcher, make_launcher
 from .migrate_report import FAILED, SKIPPED, PartitionOutcome, Progress
 
 if TYPE_CHECKING:
@@ -79,15 +83,8 @@ WORKER_ATTRIBUTE = "partpool.worker"
 
 #: Seconds between polls of the running workers.
 _POLL_INTERVAL = 0.02
-#: Seconds a worker gets to exit after SIGTERM when the coordinator is interrupted.
-_TERMINATE_WAIT = 10.0
 #: Lines of a dead worker's log quoted in its error.
 _LOG_TAIL = 3
-
-_WORKER_CODE = (
-    "import sys; from sqlalchemy_partpool.migrate_parallel import worker_main; "
-    "sys.exit(worker_main(sys.argv[1:]))"
-)
 
 
 @dataclass(frozen=True)
@@ -160,10 +157,8 @@ def write_outcome(path: str | os.PathLike[str], outcome: PartitionOutcome) -> No
 @dataclass
 class _Worker:
     name: str
-    process: subprocess.Popen[bytes]
     result: Path
     log_path: Path
-    log_file: IO[bytes]
     started: float
 
 
@@ -182,8 +177,8 @@ def run_workers(
     After a failure no new worker starts (the rest are reported as
     :data:`.SKIPPED`) unless *continue_on_error*; workers already running are
     left to finish, so that none is cut off half-way through a commit.  On
-    Ctrl-C the running workers are terminated (their transactions roll back)
-    and the interruption propagates.
+    Ctrl-C (or any exception here) the running workers get SIGTERM (their
+    transactions roll back) and the exception propagates.
 
     :param config: the coordinator's alembic configuration.
     :param spec: the command every worker replays.
@@ -200,13 +195,14 @@ def run_workers(
     running: dict[str, _Worker] = {}
     outcomes: dict[str, PartitionOutcome] = {}
     first_failure: str | None = None
+    launcher: Launcher | None = None
     try:
         base = _base_spec(config, spec, workdir, sharded_config)
-        environ = _worker_environment()
+        launcher = make_launcher(_worker_environment(), workdir / "launcher.log")
         while pending or running:
             while pending and len(running) < jobs and first_failure is None:
                 name = pending.pop(0)
-                running[name] = _start(name, base, workdir, environ)
+                running[name] = _start(launcher, name, base, workdir)
                 progress.started(name)
             if first_failure is not None and pending:
                 for name in pending:
@@ -219,23 +215,22 @@ def run_workers(
                     outcomes[name] = outcome
                     progress.finished(outcome)
                 pending.clear()
-            finished = [w for w in running.values() if w.process.poll() is not None]
-            for worker in finished:
-                del running[worker.name]
-                outcome, lines = _collect(worker)
-                outcomes[worker.name] = outcome
-                progress.relay(worker.name, lines)
+            finished = launcher.finished()
+            for name, code in finished:
+                outcome, lines = _collect(running.pop(name), code, workdir)
+                outcomes[name] = outcome
+                progress.relay(name, lines, failed=outcome.status == FAILED)
                 progress.finished(outcome)
                 if outcome.status == FAILED and not continue_on_error and first_failure is None:
-                    first_failure = worker.name
+                    first_failure = name
             if not finished:
                 time.sleep(_POLL_INTERVAL)
+        launcher.close()
     except BaseException:
-        _terminate(list(running.values()))
+        if launcher is not None:
+            launcher.close(terminate=True)
         raise
     finally:
-        for worker in running.values():
-            worker.log_file.close()
         shutil.rmtree(workdir, ignore_errors=True)
     return outcomes
 
@@ -288,60 +283,53 @@ def _worker_environment() -> dict[str, str]:
     at run time (alembic's ``prepend_sys_path``, a test's ``sys.path`` entry).
     """
     environ = dict(os.environ)
-    paths = [p for p in sys.path if p and os.path.isdir(p)]
+    # the standard library and site-packages are on every interpreter's path
+    given = {*site.getsitepackages(), site.getusersitepackages()}
+    paths = [
+        p
+        for p in sys.path
+        if p and os.path.isdir(p) and p not in given and not p.startswith(sys.base_prefix)
+    ]
     if environ.get("PYTHONPATH"):
         paths.append(environ["PYTHONPATH"])
     environ["PYTHONPATH"] = os.pathsep.join(paths)
     return environ
 
 
-def _start(name: str, base: dict[str, Any], workdir: Path, environ: dict[str, str]) -> _Worker:
+def _start(launcher: Launcher, name: str, base: dict[str, Any], workdir: Path) -> _Worker:
     result = workdir / f"{name}.result.json"
     spec_path = workdir / f"{name}.spec.json"
     spec_path.write_text(
         json.dumps({**base, "partition": name, "result": str(result)}), encoding="utf-8"
     )
     log_path = workdir / f"{name}.log"
-    log_file = log_path.open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-c", _WORKER_CODE, str(spec_path)],
-        stdin=subprocess.DEVNULL,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env=environ,
-    )
-    log.debug("partition %s: worker pid %d started", name, process.pid)
-    return _Worker(name, process, result, log_path, log_file, time.monotonic())
+    launcher.start(name, spec_path, log_path)
+    log.debug("partition %s: worker started", name)
+    return _Worker(name, result, log_path, time.monotonic())
 
 
-def _collect(worker: _Worker) -> tuple[PartitionOutcome, list[str]]:
+def _collect(worker: _Worker, code: int, workdir: Path) -> tuple[PartitionOutcome, list[str]]:
     """The outcome a finished worker reported, and its log lines."""
-    worker.log_file.close()
-    lines = worker.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = _read_lines(worker.log_path)
     try:
         data = json.loads(worker.result.read_text(encoding="utf-8"))
         return PartitionOutcome.from_dict(data), lines
     except (OSError, ValueError, KeyError):
-        tail = " / ".join(line.strip() for line in lines[-_LOG_TAIL:] if line.strip())
-        error = (
-            f"worker process exited with status {worker.process.returncode} without a result"
-            + (f": {tail}" if tail else "")
+        # no result: the worker died early, or the launcher did (see its log)
+        tail_lines = lines or _read_lines(workdir / "launcher.log")
+        tail = " / ".join(line.strip() for line in tail_lines[-_LOG_TAIL:] if line.strip())
+        error = f"worker process exited with status {code} without a result" + (
+            f": {tail}" if tail else ""
         )
         duration = time.monotonic() - worker.started
         return PartitionOutcome(worker.name, FAILED, error=error, duration=duration), lines
 
 
-def _terminate(workers: list[_Worker]) -> None:
-    for worker in workers:
-        if worker.process.poll() is None:
-            worker.process.terminate()
-    deadline = time.monotonic() + _TERMINATE_WAIT
-    for worker in workers:
-        try:
-            worker.process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            worker.process.kill()
-            worker.process.wait()
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
 
 
 def worker_main(argv: Sequence[str]) -> int:

@@ -24,7 +24,7 @@ from sqlalchemy.pool import NullPool
 
 from .config import ENV_CONFIG, ENV_PARTITIONS, Partition, ShardedConfig
 from .engine import ShardedEngine
-from .errors import ConfigurationError, PartpoolError, UnknownPartition, redact
+from .errors import ConfigurationError, MigrationLocked, UnknownPartition, redact
 from .migrate_parallel import CONFIG_ATTRIBUTE
 
 if TYPE_CHECKING:
@@ -49,24 +49,6 @@ MIGRATE_APPLICATION_NAME = "partpool-migrate"
 
 #: Seconds between attempts to take a partition's lock while waiting for it.
 _LOCK_POLL = 0.1
-
-
-class MigrationLocked(PartpoolError):
-    """Another run holds a partition's migration lock.
-
-    :ivar holder: who holds it (``pid 4242, partpool-migrate/p3, for 2.1 s``), if visible.
-    """
-
-    def __init__(self, partition: str, holder: str | None, waited: float) -> None:
-        waiting = "did not wait" if waited <= 0 else f"waited {waited:g} s"
-        super().__init__(
-            f"partition {partition!r} is being migrated by another run "
-            f"({holder or 'holder not visible'}); {waiting}. Let that run finish and run "
-            "this command again, or pass --lock-timeout SECONDS (alembic: -x "
-            "lock_timeout=SECONDS) to wait for it.",
-            partition=partition,
-        )
-        self.holder = holder
 
 
 def x_arguments(config: Config) -> dict[str, str]:

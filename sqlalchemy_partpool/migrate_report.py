@@ -251,10 +251,19 @@ class Progress:
             mode = "one after another" if jobs == 1 else f"up to {jobs} at once"
             self._write(f"{self.title}: {self.total} partitions, {mode}\n")
 
-    def started(self, name: str) -> None:
-        """Partition *name* has started."""
+    def started(self, name: str, *, logs_follow: bool = False) -> None:
+        """Partition *name* has started.
+
+        :param logs_follow: the partition runs in this process, whose log lines
+          go to the same terminal: clear the bar so that they start on a clean
+          line (it is drawn again when the partition finishes).
+        """
         self.running.append(name)
-        if self.tty:
+        if self.tty and logs_follow:
+            if self._drawn:
+                self._write("\r\033[K")
+                self._drawn = False
+        elif self.tty:
             self._draw()
 
     def finished(self, outcome: PartitionOutcome) -> None:
@@ -277,13 +286,22 @@ class Progress:
             f"[{self.done}/{self.total}] {outcome.name}: {outcome.describe(self.title)}{where}\n"
         )
 
-    def relay(self, name: str, lines: Iterable[str]) -> None:
-        """Show a worker's own log lines, prefixed with its partition (plain mode only)."""
-        if self.enabled and not self.tty:
-            stream = self.log_stream or sys.stderr
-            for text in lines:
-                stream.write(f"{name} | {text.rstrip()}\n")
-            stream.flush()
+    def relay(self, name: str, lines: Iterable[str], *, failed: bool = False) -> None:
+        """Show a worker's own log lines, prefixed with its partition.
+
+        On a terminal only a failed worker's lines are shown (above the bar);
+        elsewhere every worker's.
+        """
+        if not self.enabled or (self.tty and not failed):
+            return
+        if self.tty and self._drawn:
+            self._write("\r\033[K")
+        stream = self.log_stream or sys.stderr
+        for text in lines:
+            stream.write(f"{name} | {text.rstrip()}\n")
+        stream.flush()
+        if self.tty:
+            self._draw()
 
     def close(self) -> None:
         """Finish the bar's line so that what follows starts on a fresh one."""

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import time
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -79,6 +80,9 @@ _NOT_STARTED = "(--continue-on-error / -x continue_on_error=1 goes on after fail
 
 class MigrationFailed(PartpoolError, CommandError):
     """A migration command failed on at least one partition.
+
+    (It lives here rather than in :mod:`.errors` because it is also alembic's
+    ``CommandError``, and the package must not import alembic until migrations run.)
 
     Also an alembic ``CommandError``, so ``alembic upgrade`` prints the
     summary and exits non-zero.  Each partition's run is one transaction: a
@@ -354,7 +358,7 @@ def _run_sequentially(
                 name, SKIPPED, error=f"not started because {first_failure} failed {_NOT_STARTED}"
             )
         else:
-            progress.started(name)
+            progress.started(name, logs_follow=True)
             outcomes[name] = migrate_partition(run, name)
             if outcomes[name].status == FAILED and not run.options.continue_on_error:
                 first_failure = name
@@ -397,6 +401,7 @@ def migrate_partition(run: MigrationRun, name: str) -> PartitionOutcome:
     tracker = _StepTracker(run.original_fn)
     before: tuple[str, ...] | None = None
     engine = partition_engine(run.partitions, name)
+    log.info("partition %s: %s", name, find_partition(run.partitions, name).safe_url)
     try:
         with engine.connect() as connection, connection.begin():
             acquire_lock(connection, name, lock_key(table, schema), run.options.lock_timeout)
@@ -417,6 +422,13 @@ def migrate_partition(run: MigrationRun, name: str) -> PartitionOutcome:
         return PartitionOutcome(name, DONE, before, after, duration=time.monotonic() - started)
     except Exception as exc:
         error = run.describe(name, exc)
+        if any(
+            frame.name == "autocommit_block" for frame in traceback.extract_tb(exc.__traceback__)
+        ):
+            error = (
+                "autocommit_block() cannot run here: each partition's run is one transaction "
+                "(run such statements, e.g. CREATE INDEX CONCURRENTLY, outside the migration)"
+            )
         if tracker.step is not None:
             error = f"at {getattr(tracker.step, 'short_log', tracker.step)}: {error}"
         log.error("partition %s: %s", name, error, exc_info=not isinstance(exc, MigrationLocked))
