@@ -111,39 +111,9 @@ class _AsyncBackedShardedEngine(ShardedEngine):
         return self._async_engines[name]
 
     def _create_engine(self, partition: Partition) -> Engine:
-        settings = self._settings[partition.name]
-        options: dict[str, Any] = {**self.config.engine_options, **partition.engine_options}
-        connect_args = dict(options.pop("connect_args", {}) or {})
-        _connect_defaults(partition, connect_args, settings)
-        try:
-            engine = create_async_engine(
-                partition.url,
-                poolclass=AsyncPartitionPool,
-                connect_args=connect_args,
-                pool_timeout=settings.timeout,
-                pool_pre_ping=settings.pre_ping,
-                pool_use_lifo=settings.use_lifo,
-                min_connections=settings.min_connections,
-                max_connections=settings.max_connections,
-                max_idle=settings.max_idle,
-                max_lifetime=settings.max_lifetime,
-                lifetime_jitter=settings.lifetime_jitter,
-                ping_skip_window=settings.ping_skip_window,
-                max_waiting=settings.max_waiting,
-                ping_timeout=settings.ping_timeout,
-                keepalive_time=settings.keepalive_time,
-                leak_threshold=settings.leak_threshold,
-                partition_name=partition.name,
-                stats=self._stats[partition.name],
-                health=self._health[partition.name],
-                **options,
-            )
-        except (TypeError, ImportError) as exc:
-            raise ConfigurationError(
-                f"cannot create the engine for {partition.safe_url!r}: "
-                f"{self.describe_error(partition.name, exc)}",
-                partition=partition.name,
-            ) from None
+        engine: AsyncEngine = self._build_engine(
+            partition, create_async_engine, AsyncPartitionPool, _connect_defaults
+        )
         pool = engine.sync_engine.pool
         assert isinstance(pool, AsyncPartitionPool)
         pool.maintenance = self.maintenance

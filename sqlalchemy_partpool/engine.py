@@ -11,7 +11,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from types import MappingProxyType
@@ -225,15 +225,33 @@ class ShardedEngine(event.EventTarget):
             yield name, self.engine(name)
 
     def _create_engine(self, partition: Partition) -> Engine:
+        engine: Engine = self._build_engine(
+            partition, create_engine, PartitionPool, _psycopg2_defaults
+        )
+        settings = self._settings[partition.name]
+        if settings.query_timeout is not None:
+            install_statement_deadlines(engine, partition.name, settings.query_timeout)
+        return engine
+
+    def _build_engine(
+        self,
+        partition: Partition,
+        factory: Callable[..., Any],
+        poolclass: type[PartitionPool],
+        connect_defaults: Callable[[Partition, dict[str, Any], PoolSettings], None],
+    ) -> Any:
+        """Create a partition's engine with *factory* (``create_engine`` or its async twin).
+
+        :raises ConfigurationError: for a keyword the engine does not accept.
+        """
         settings = self._settings[partition.name]
         options: dict[str, Any] = {**self.config.engine_options, **partition.engine_options}
         connect_args = dict(options.pop("connect_args", {}) or {})
-        if partition.url.get_driver_name() == "psycopg2":
-            _psycopg2_defaults(connect_args, settings, partition.name)
+        connect_defaults(partition, connect_args, settings)
         try:
-            engine = create_engine(
+            return factory(
                 partition.url,
-                poolclass=PartitionPool,
+                poolclass=poolclass,
                 connect_args=connect_args,
                 pool_timeout=settings.timeout,
                 pool_pre_ping=settings.pre_ping,
@@ -259,9 +277,6 @@ class ShardedEngine(event.EventTarget):
                 f"{self.describe_error(partition.name, exc)}",
                 partition=partition.name,
             ) from None
-        if settings.query_timeout is not None:
-            install_statement_deadlines(engine, partition.name, settings.query_timeout)
-        return engine
 
     def pool(self, name: str) -> PartitionPool:
         """The :class:`.PartitionPool` currently serving partition *name*."""
@@ -645,9 +660,15 @@ class ShardedEngine(event.EventTarget):
         return f"<ShardedEngine{state} partitions=[{shown}] ({len(names)}) router={self._router!r}>"
 
 
-def _psycopg2_defaults(connect_args: dict[str, Any], settings: PoolSettings, name: str) -> None:
+def _psycopg2_defaults(
+    partition: Partition, connect_args: dict[str, Any], settings: PoolSettings
+) -> None:
     """Fill in psycopg2 connect arguments the user did not set themselves."""
+    if partition.url.get_driver_name() != "psycopg2":
+        return
     import psycopg2
+
+    name = partition.name
 
     if settings.connect_timeout is not None:
         # libpq takes whole seconds; round up so the bound is never shorter
