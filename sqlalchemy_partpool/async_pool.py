@@ -53,7 +53,6 @@ import contextvars
 import logging
 import sys
 import threading
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from functools import partial
 from time import monotonic
@@ -66,7 +65,7 @@ from sqlalchemy.util.concurrency import in_greenlet
 
 from .errors import PoolError
 from .health import PartitionHealth, PartitionState, StackFrames
-from .maintenance import Maintenance
+from .maintenance import Maintenance, ping_idle
 from .pool import PartitionPool, _PartitionRecord, _Waiter
 
 if TYPE_CHECKING:
@@ -556,7 +555,7 @@ class AsyncMaintenance:
             if keepalive is not None and not self._busy(name, "keepalive"):
                 records = pool.take_idle(partial(_idle_for, keepalive))
                 if records:
-                    self._spawn(name, "keepalive", greenlet_spawn, _keepalive, pool, records)
+                    self._spawn(name, "keepalive", greenlet_spawn, ping_idle, pool, records)
             if pool.missing() and self._retry_at.get(name, 0.0) <= monotonic():
                 self._spawn(name, "fill", self._fill, name, pool)
             health = pool.health
@@ -607,35 +606,3 @@ class AsyncMaintenance:
 
 def _idle_for(seconds: float, record: _PartitionRecord, now: float) -> bool:
     return now - record.returned_at >= seconds
-
-
-def _keepalive(pool: PartitionPool, records: list[_PartitionRecord]) -> None:
-    """Ping idle connections taken from *pool*; put back the live ones, replace the rest.
-
-    Runs in a greenlet.  Cancellation-safe: connections not pinged yet go back
-    to the pool, and the one whose ping was interrupted is closed.
-    """
-    pending = deque(records)
-    lost: list[_PartitionRecord] = []
-    try:
-        while pending:
-            record = pending[0]
-            connection = record.dbapi_connection
-            error = pool.ping(connection) if connection is not None else None
-            pending.popleft()
-            if error is None:
-                pool.put_back(record)
-            else:
-                log.info(
-                    "partition %r: an idle connection failed its keepalive ping (%s); replacing it",
-                    pool.partition_name,
-                    pool.health.describe(error),
-                )
-                record.invalidate(error)
-                lost.append(record)
-    finally:
-        if pending:
-            lost.append(pending.popleft())
-            for record in pending:
-                pool.put_back(record)
-        pool.discard(lost)

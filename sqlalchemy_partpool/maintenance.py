@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from time import monotonic
@@ -29,7 +30,7 @@ from time import monotonic
 from .health import format_stack
 from .pool import PartitionPool, _PartitionRecord
 
-__all__ = ["Maintenance"]
+__all__ = ["Maintenance", "ping_idle"]
 
 log = logging.getLogger("sqlalchemy_partpool.maintenance")
 
@@ -150,22 +151,7 @@ class Maintenance:
 
     @staticmethod
     def _keepalive(pool: PartitionPool, keepalive: float) -> None:
-        records = pool.take_idle(lambda record, now: now - record.returned_at >= keepalive)
-        lost: list[_PartitionRecord] = []
-        for record in records:
-            connection = record.dbapi_connection
-            error = pool.ping(connection) if connection is not None else None
-            if error is None:
-                pool.put_back(record)
-            else:
-                log.info(
-                    "partition %r: an idle connection failed its keepalive ping (%s); replacing it",
-                    pool.partition_name,
-                    pool.health.describe(error),
-                )
-                record.invalidate(error)
-                lost.append(record)
-        pool.discard(lost)
+        ping_idle(pool, pool.take_idle(lambda record, now: now - record.returned_at >= keepalive))
 
     @staticmethod
     def _report_leaks(pool: PartitionPool) -> None:
@@ -213,3 +199,36 @@ class Maintenance:
             with self._lock:
                 self._backoff.pop(name, None)
                 self._retry_at.pop(name, None)
+
+
+def ping_idle(pool: PartitionPool, records: list[_PartitionRecord]) -> None:
+    """Ping idle connections taken from *pool*; put back the live ones, replace the rest.
+
+    Used by the sync maintenance and, in a greenlet, by the asyncio one.
+    Interruption-safe: connections not pinged yet go back to the pool, and the
+    one whose ping was interrupted is closed.
+    """
+    pending = deque(records)
+    lost: list[_PartitionRecord] = []
+    try:
+        while pending:
+            record = pending[0]
+            connection = record.dbapi_connection
+            error = pool.ping(connection) if connection is not None else None
+            pending.popleft()
+            if error is None:
+                pool.put_back(record)
+            else:
+                log.info(
+                    "partition %r: an idle connection failed its keepalive ping (%s); replacing it",
+                    pool.partition_name,
+                    pool.health.describe(error),
+                )
+                record.invalidate(error)
+                lost.append(record)
+    finally:
+        if pending:
+            lost.append(pending.popleft())
+            for record in pending:
+                pool.put_back(record)
+        pool.discard(lost)
