@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -36,14 +37,67 @@ def run_benchmarks(args: list[str], env_extra: dict[str, str]) -> subprocess.Com
     )
 
 
-def test_quick_run_reports_every_variant_with_medians_and_ratios(
-    pg_admin_url, admin_engine, tmp_path
-):
-    out = tmp_path / "quick.json"
+#: Every workload of the plan: case -> (baseline, variants) in quick mode.
+EXPECTED = {
+    "fanout": {
+        "fanout-4p": ("sequential", {"sequential", "ours"}),
+        "fanout-8p": ("sequential", {"sequential", "ours"}),
+    },
+    "checkout": {
+        "checkout-pool": (
+            "sa-queuepool",
+            {"sa-queuepool", "ours", "psycopg2-simple", "psycopg2-threaded", "psycopg-pool"},
+        ),
+        "checkout-engine": ("sa-engine", {"sa-engine", "ours", "ours-routed"}),
+    },
+    "reads": {
+        "read-1t": (
+            "raw-psycopg2",
+            {
+                "raw-psycopg2",
+                "psycopg2-pool",
+                "psycopg-pool",
+                "sa-engine",
+                "sa-autocommit",
+                "ours",
+            },
+        ),
+        "read-8t": (
+            "raw-psycopg2",
+            {"raw-psycopg2", "psycopg2-pool", "psycopg-pool", "sa-engine", "ours"},
+        ),
+    },
+    "connect": {
+        "connect-per-request": ("psycopg2-connect", {"psycopg2-connect", "sa-nullpool", "ours"}),
+    },
+    "orm": {
+        "orm-get": ("plain", {"plain", "sa-sharded", "ours"}),
+        "orm-select": ("plain", {"plain", "sa-sharded", "ours"}),
+        "orm-insert": ("plain", {"plain", "sa-sharded", "ours"}),
+        "orm-bulk-insert": ("plain-bulk", {"plain-bulk", "ours-bulk"}),
+    },
+    "startup": {
+        "startup-8p": ("sa-engines", {"sa-engines", "ours-lazy", "ours-warm"}),
+        "startup-32p": ("sa-engines", {"sa-engines", "ours-lazy", "ours-warm"}),
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def quick_run(
+    pg_admin_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any], Path]:
+    """One ``--quick`` run of every workload, shared by the tests below."""
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
     done = run_benchmarks(["--quick", "--json", str(out)], {"PARTPOOL_URL": pg_admin_url})
     assert done.returncode == 0, f"benchmarks failed:\n{done.stdout}\n{done.stderr}"
+    return done, json.loads(out.read_text()), out
 
-    report = json.loads(out.read_text())
+
+def test_quick_run_reports_every_variant_with_medians_and_ratios(
+    quick_run, pg_admin_url, admin_engine
+):
+    done, report, out = quick_run
     assert report["settings"]["quick"] is True
     machine = report["machine"]
     for fact in ("cpu_count", "python", "platform", "sqlalchemy", "psycopg2", "postgresql"):
@@ -52,26 +106,34 @@ def test_quick_run_reports_every_variant_with_medians_and_ratios(
     password = make_url(pg_admin_url).password
     assert not password or str(password) not in out.read_text()
 
-    cases = {case["name"]: case for case in report["workloads"]["fanout"]["cases"]}
-    assert set(cases) == {"fanout-4p", "fanout-8p"}
-    for name, case in cases.items():
-        assert case["params"]["partitions"] == int(name.split("-")[1].rstrip("p"))
-        assert case["baseline"] == "sequential"
-        assert case["check"].startswith("same ")
-        assert set(case["variants"]) == {"sequential", "ours"}
-        assert case["rounds"] >= 1
-        for variant in case["variants"].values():
-            assert len(variant["samples"]) == case["rounds"]
-            assert variant["median"] > 0
-            assert variant["p90"] >= variant["median"]
-        assert case["ratios"]["sequential"] == 1.0
-        assert case["ratios"]["ours"] > 0
-
-    # the fixed-width table, a ratio line per case, and where the JSON went
+    assert set(report["workloads"]) == set(EXPECTED)
     lines = done.stdout.splitlines()
+    for workload, expected_cases in EXPECTED.items():
+        cases = {case["name"]: case for case in report["workloads"][workload]["cases"]}
+        assert set(cases) == set(expected_cases), workload
+        for name, case in cases.items():
+            baseline, variants = expected_cases[name]
+            assert case["baseline"] == baseline, name
+            assert set(case["variants"]) == variants, name
+            assert case["check"], name
+            assert case["rounds"] >= 1
+            for variant in case["variants"].values():
+                assert len(variant["samples"]) == case["rounds"]
+                assert variant["median"] > 0
+                assert variant["p90"] >= variant["median"]
+            assert case["ratios"][baseline] == 1.0
+            for variant in variants - {baseline}:
+                assert case["ratios"][variant] > 0
+                # a ratio line per variant under the table
+                assert any(line.startswith(f"{name}: {variant}/{baseline} = ") for line in lines)
+
+    fanout = {case["name"]: case for case in report["workloads"]["fanout"]["cases"]}
+    for name, case in fanout.items():
+        assert case["params"]["partitions"] == int(name.split("-")[1].rstrip("p"))
+        assert case["check"].startswith("same ")
+
+    # the fixed-width table and where the JSON went
     assert any(line.split()[:3] == ["case", "variant", "ops"] for line in lines)
-    assert any(line.startswith("fanout-4p: ours/sequential = ") for line in lines)
-    assert any(line.startswith("fanout-8p: ours/sequential = ") for line in lines)
     assert f"Results written to {out}" in done.stdout
 
     # the scratch partitions were dropped
@@ -80,6 +142,41 @@ def test_quick_run_reports_every_variant_with_medians_and_ratios(
             text("SELECT count(*) FROM pg_database WHERE datname LIKE 'partpool_bench%'")
         ).scalar_one()
     assert left == 0
+
+
+def test_quick_run_counts_round_trips_of_every_variant(quick_run):
+    _, report, _ = quick_run
+    counted = {
+        ("checkout", "checkout-pool"): "round trips per checkout: ",
+        ("checkout", "checkout-engine"): "round trips per checkout: ",
+        ("reads", "read-1t"): "round trips per read: ",
+        ("connect", "connect-per-request"): "round trips per request: ",
+        ("orm", "orm-get"): "round trips per get: ",
+        ("orm", "orm-select"): "round trips per select: ",
+        ("orm", "orm-insert"): "round trips per insert: ",
+        ("orm", "orm-bulk-insert"): "round trips per insert: ",
+    }
+    for (workload, name), label in counted.items():
+        case = next(c for c in report["workloads"][workload]["cases"] if c["name"] == name)
+        trips = dict(part.rsplit(" ", 1) for part in case["check"].split(label, 1)[1].split(", "))
+        assert set(trips) == set(case["variants"]), name
+        for variant, count in trips.items():
+            assert float(count) >= 0, (name, variant)
+    # a pooled checkout without a query never talks to the server
+    pool = next(c for c in report["workloads"]["checkout"]["cases"] if c["name"] == "checkout-pool")
+    assert pool["check"].endswith("psycopg-pool 0.00")
+
+
+def test_quick_run_startup_checks_lazy_opens_no_connection(quick_run):
+    _, report, _ = quick_run
+    for case in report["workloads"]["startup"]["cases"]:
+        partitions = case["params"]["partitions"]
+        assert case["check"].startswith(
+            f"lazy: 0 connections after 0.3 s; warm: {partitions} (one per partition)"
+        )
+        assert set(case["params"]["startup_seconds_median"]) == set(case["variants"])
+        for figures in case["params"]["memory_bytes"].values():
+            assert figures["heap_retained_per_partition"] > 0
 
 
 def test_unknown_workload_is_a_usage_error(tmp_path):
