@@ -130,20 +130,26 @@ def _install(mode: str) -> dict[str, Any]:
         ours._execute_routed = counted  # type: ignore[method-assign]
         _count_concurrency(ours, tally, force=os.environ.get(THREADS_ENV) == "1")
 
-    # Every sharded session, ours included (through super()), runs this __init__.
-    stock_init = stock.__init__
+    # Every sharded session runs one of these __init__s (ours does not always
+    # go through the stock one), so both record; a session is counted once.
+    def recording(init: Any) -> Any:
+        @functools.wraps(init)
+        def recording_init(self: Any, *args: Any, **kwargs: Any) -> None:
+            if not getattr(self, "_compat_counted", False):
+                self._compat_counted = True
+                ours_in_use = _is_ours(type(self))
+                tally["sessions"]["ours" if ours_in_use else "stock"] += 1
+                if ours_in_use != (mode == "partpool"):
+                    message = f"a {type(self).__mro__} session was built in {mode} mode"
+                    tally["violations"].append(message)
+                    raise AssertionError(message)
+            init(self, *args, **kwargs)
 
-    @functools.wraps(stock_init)
-    def recording_init(self: Any, *args: Any, **kwargs: Any) -> None:
-        ours_in_use = _is_ours(type(self))
-        tally["sessions"]["ours" if ours_in_use else "stock"] += 1
-        if ours_in_use != (mode == "partpool"):
-            message = f"a {type(self).__mro__} session was built in {mode} mode"
-            tally["violations"].append(message)
-            raise AssertionError(message)
-        stock_init(self, *args, **kwargs)
+        return recording_init
 
-    stock.__init__ = recording_init  # type: ignore[method-assign]
+    stock.__init__ = recording(stock.__init__)  # type: ignore[method-assign]
+    if mode == "partpool":
+        ours.__init__ = recording(ours.__init__)  # type: ignore[method-assign]
     return tally
 
 

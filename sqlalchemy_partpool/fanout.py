@@ -479,6 +479,17 @@ def _autocommit(conn: Connection) -> Iterator[None]:
         conn.execution_options(isolation_level="AUTOCOMMIT")
         yield
         return
+    if (
+        not dbapi.autocommit
+        and getattr(dbapi, "isolation_level", None) is not None
+        and getattr(conn.dialect, "_on_connect_isolation_level", None) is None
+    ):
+        # SQLAlchemy's reset of a per-connection isolation_level option leaves
+        # the driver at an explicit level, and psycopg2 then sends SET
+        # default_transaction_isolation each time it leaves autocommit.  Unless
+        # the engine itself asks for a level, going back to the server default
+        # (client-side, as autocommit is off) keeps the call at one round trip.
+        dbapi.isolation_level = None
     dbapi.autocommit = True
     try:
         yield

@@ -36,7 +36,8 @@ from sqlalchemy.engine import Connection, Engine, Result
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.ext.horizontal_shard import ShardedQuery, set_shard_id
-from sqlalchemy.orm import Mapper, ORMExecuteState, Query, object_session
+from sqlalchemy.orm import Mapper, ORMExecuteState, Query, Session, object_session
+from sqlalchemy.orm.base import instance_state
 from sqlalchemy.sql import TextClause
 from sqlalchemy.sql.selectable import Select
 
@@ -118,6 +119,7 @@ class ShardedSession(horizontal_shard.ShardedSession):
         self._partpool_twophase = twophase and sharded is not None
         self._coordinator: MultiPartitionTransaction | None = None
         self._forced_partition: str | None = None
+        self._flush_connections: tuple[Any, dict[str, Connection]] | None = None
         if sharded is not None:
             home = reference_partition or next(iter(sharded.partitions))
             if home not in sharded.partitions:
@@ -130,14 +132,31 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 execute_chooser = self._choose_for_statement
         if twophase and sharded is None:
             kwargs["twophase"] = True  # SQLAlchemy's own two-phase sessions
-        super().__init__(
-            shard_chooser, identity_chooser, execute_chooser, shards, query_cls, **kwargs
-        )
-        # Our execution handler replaces SQLAlchemy's: concurrent, merging, checked.
-        event.remove(self, "do_orm_execute", horizontal_shard.execute_and_instances)
-        event.listen(self, "do_orm_execute", self._execute_routed, retval=True)
-        if sharded is not None:
-            event.listen(self, "before_flush", self._before_flush)
+        if (
+            "id_chooser" in kwargs
+            or "query_chooser" in kwargs
+            or None
+            in (
+                identity_chooser,
+                execute_chooser,
+            )
+        ):
+            # SQLAlchemy's deprecated spellings and its errors: its own constructor
+            super().__init__(
+                shard_chooser, identity_chooser, execute_chooser, shards, query_cls, **kwargs
+            )
+            event.remove(self, "do_orm_execute", horizontal_shard.execute_and_instances)
+        else:
+            # What SQLAlchemy's constructor does, less its per-session event
+            # listener: ours is registered once on the class (below), and a
+            # listener per session costs more than the rest of the constructor.
+            Session.__init__(self, query_cls=query_cls, **kwargs)
+            self.shard_chooser = shard_chooser
+            self.identity_chooser = identity_chooser
+            self.execute_chooser = execute_chooser
+            self.__shards: dict[str, Any] = {}
+            for name, bind in (shards or {}).items():
+                self.bind_shard(name, bind)
 
     # -- the built choosers ------------------------------------------------------------
 
@@ -353,12 +372,12 @@ class ShardedSession(horizontal_shard.ShardedSession):
 
     # -- statement execution ---------------------------------------------------------------
 
-    def _execute_routed(self, orm_context: ORMExecuteState) -> AnyResult:
+    def _execute_routed(self, orm_context: ORMExecuteState) -> AnyResult | None:
         shard_id = _explicit_shard(orm_context)
         if shard_id is not None:
             if self.sharded is not None:
                 check_pin(self.sharded, (shard_id,), "this statement")
-            return self._invoke(orm_context, shard_id)
+            return self._carry_on(orm_context, shard_id)
         if orm_context.is_insert and self.sharded is not None:
             return self._insert_routed(orm_context)
         chosen = list(self.execute_chooser(orm_context))
@@ -370,11 +389,22 @@ class ShardedSession(horizontal_shard.ShardedSession):
         if self.sharded is not None:
             check_pin(self.sharded, chosen, "this statement")
         if len(chosen) == 1:
-            return self._invoke(orm_context, chosen[0])
+            return self._carry_on(orm_context, chosen[0])
         if orm_context.is_select and isinstance(orm_context.statement, Select):
             return self._select_many(orm_context, chosen)
         results = self._run_each(orm_context, chosen, orm_context.statement, {})
         return results[0].merge(*results[1:])
+
+    @staticmethod
+    def _carry_on(orm_context: ORMExecuteState, shard_id: str) -> None:
+        """Bind a statement to one partition and let the session run it itself.
+
+        Returning None from ``do_orm_execute`` continues the session's own
+        execution with these bind arguments and identity token: one pass
+        through ``Session.execute`` instead of the two of ``invoke_statement``.
+        """
+        orm_context.bind_arguments["shard_id"] = shard_id
+        orm_context.update_execution_options(identity_token=shard_id)
 
     def _invoke(
         self,
@@ -607,20 +637,63 @@ class ShardedSession(horizontal_shard.ShardedSession):
                             "rows do not move between partitions. Delete it and add a new "
                             "one instead (nothing was written)"
                         )
-        for obj in (*self.new, *self.dirty, *self.deleted):
-            mapper = inspect(obj).mapper
+        mappers = {state.mapper for state in (*self._new, *self._deleted)}
+        mappers.update(inspect(obj).mapper for obj in self.dirty)
+        for mapper in mappers:
             if model_routing(mapper).kind == "reference":
                 _replicate_reference_rows(mapper)
+        # With the built shard chooser, a single-attribute shard key that is set
+        # is routed here directly (what _choose_for_instance would do, at a
+        # third of the cost per object); anything else goes the long way.
+        route = self.sharded.router.route
+        built = self.shard_chooser == self._choose_for_instance
+        keys: dict[Mapper[Any], str | None] = {}
         pending = []
-        for obj in self.new:
-            state = inspect(obj)
-            partition = self._choose_shard_and_assign(state.mapper, obj)
+        for state in self._new:
+            partition: Any = state.identity_token
+            if partition is None:
+                mapper = state.mapper
+                if mapper not in keys:
+                    routing = model_routing(mapper)
+                    simple = routing.kind == "sharded" and len(routing.key_attributes) == 1
+                    keys[mapper] = routing.key_attributes[0] if built and simple else None
+                key_attribute = keys[mapper]
+                value = getattr(state.obj(), key_attribute, None) if key_attribute else None
+                if value is not None:
+                    partition = state.identity_token = route(value)
+                else:
+                    partition = self._choose_shard_and_assign(mapper, state.obj())
             pending.append((order.get(partition, len(order)), state.insert_order, state))
         # SQLAlchemy batches consecutive INSERTs for one connection; with objects
         # alternating between partitions every batch would be one row long.
         pending.sort(key=lambda item: (item[0], item[1]))
         for position, (_, _, state) in enumerate(pending):
             state.insert_order = position
+        self._flush_connections = None
+
+    def connection_callable(
+        self, mapper: Any = None, instance: Any = None, shard_id: Any = None, **kw: Any
+    ) -> Connection:
+        """The connection a flush writes an object with: its partition's, looked up once.
+
+        SQLAlchemy calls this for every object of a flush; the lookup behind it
+        (chooser, bind, pin check, the transaction's connections) is done once
+        per partition and flush.
+        """
+        if shard_id is None and instance is not None:
+            state = instance_state(instance)
+            shard_id = state.key[2] if state.key is not None else state.identity_token
+        transaction = self.get_transaction()
+        if shard_id is None or transaction is None or self.sharded is None:
+            return super().connection_callable(mapper, instance, shard_id, **kw)
+        cache = self._flush_connections
+        if cache is None or cache[0] is not transaction:
+            cache = self._flush_connections = (transaction, {})
+        connection = cache[1].get(shard_id)
+        if connection is None:
+            connection = super().connection_callable(mapper, instance, shard_id, **kw)
+            cache[1][shard_id] = connection
+        return connection
 
     def _replicate_row(self, kind: str, mapper: Mapper[Any], target: Any) -> None:
         """Copy one reference-table row change from its home partition to the others.
@@ -733,6 +806,23 @@ class ShardedSession(horizontal_shard.ShardedSession):
                 super().bulk_save_objects(
                     share, return_defaults, update_changed_only, preserve_order
                 )
+
+
+def _on_execute(orm_context: ORMExecuteState) -> AnyResult | None:
+    session = orm_context.session
+    assert isinstance(session, ShardedSession)
+    return session._execute_routed(orm_context)
+
+
+def _on_before_flush(session: Any, flush_context: Any, instances: Any) -> None:
+    if session.sharded is not None:
+        session._before_flush(session, flush_context, instances)
+
+
+# Our execution handler replaces SQLAlchemy's (concurrent, merging, checked); on the
+# class, so that creating a session registers nothing.
+event.listen(ShardedSession, "do_orm_execute", _on_execute, retval=True)
+event.listen(ShardedSession, "before_flush", _on_before_flush)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -872,6 +962,9 @@ def _insert_values(statement: Any, mapper: Mapper[Any]) -> list[dict[str, Any]] 
 
 def _only_reference_tables(statement: Any, mapper: Mapper[Any]) -> bool:
     """True if every table *statement* reads is a reference table (on every partition)."""
+    if model_routing(mapper).kind != "reference":
+        # the statement's own entity lives on one partition: no need to walk it
+        return False
     from sqlalchemy.sql.util import find_tables
 
     by_table = {m.local_table: m for m in mapper.registry.mappers}
