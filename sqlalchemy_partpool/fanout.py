@@ -42,6 +42,7 @@ from .errors import (
     ShardKeyMissing,
     UnmergeableStatement,
 )
+from .fastpath import fast_read
 from .merge import MergePlan, plan, text_sort_columns
 from .pinning import check_pin
 from .watchdog import (
@@ -244,6 +245,10 @@ class Fanout:
             install_statement_deadlines(engine, partition, None)
             options[TIMEOUT_OPTION] = timeout
         many = isinstance(params, list) and len(params) > 1
+        if not many and timeout is None:
+            fast = fast_read(engine, statement, params)
+            if fast is not None:
+                return fast
         if many:
             # several parameter sets: all or nothing, in one transaction
             with engine.begin() as conn:
