@@ -38,7 +38,7 @@ from sqlalchemy.ext import horizontal_shard
 from sqlalchemy.ext.horizontal_shard import ShardedQuery, set_shard_id
 from sqlalchemy.orm import Mapper, ORMExecuteState, Query, Session, object_session
 from sqlalchemy.orm.base import instance_state
-from sqlalchemy.sql import TextClause
+from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.selectable import Select
 
 from .declarations import mapper_of, model_routing
