@@ -74,8 +74,9 @@ def fast_read(engine: Engine, statement: Any, params: Any) -> AnyResult | None:
     ):
         return None
     dialect = engine.dialect
-    compiled: Any
-    compiled, extracted, _, _ = statement._compile_w_cache(
+    # SQLAlchemy 2.0 returns three values here and 2.1 four; the first two
+    # (compiled form, extracted parameters) are the same in both.
+    outcome = statement._compile_w_cache(
         dialect,
         compiled_cache=engine._compiled_cache,
         column_keys=sorted(params) if params else [],
@@ -83,6 +84,8 @@ def fast_read(engine: Engine, statement: Any, params: Any) -> AnyResult | None:
         schema_translate_map=None,
         linting=dialect.compiler_linting | compiler.WARN_LINTING,
     )
+    compiled: Any = outcome[0]
+    extracted = outcome[1]
     if (
         compiled.positional
         or compiled.literal_execute_params

@@ -899,7 +899,12 @@ def _primary_key_lookup(
     statement = orm_context.statement
     criteria: tuple[Any, ...] = getattr(statement, "_where_criteria", ())
     get_clause, get_params = mapper._get_clause
-    if len(criteria) != 1 or criteria[0] is not get_clause:
+    if len(criteria) != 1:
+        return None
+    where = criteria[0]
+    # SQLAlchemy 2.1 puts the mapper's clause itself in the statement; 2.0 an
+    # annotated copy of it, which keeps the original as its element.
+    if where is not get_clause and getattr(where, "_Annotated__element", None) is not get_clause:
         return None
     params = orm_context.parameters
     if not isinstance(params, dict):

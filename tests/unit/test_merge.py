@@ -20,7 +20,6 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.dialects.postgresql import distinct_on
 
 from sqlalchemy_partpool import UnmergeableStatement
 from sqlalchemy_partpool.merge import plan, text_sort_columns
@@ -35,6 +34,14 @@ sales = Table(
     Column("qty", Integer),
     Column("day", Date),
 )
+
+
+try:  # SQLAlchemy 2.1
+    from sqlalchemy.dialects.postgresql import distinct_on
+
+    DISTINCT_ON = select(sales.c.region).ext(distinct_on(sales.c.region))
+except ImportError:  # SQLAlchemy 2.0
+    DISTINCT_ON = select(sales.c.region).distinct(sales.c.region)
 
 
 def split(rows, parts=3, seed=0):
@@ -136,7 +143,7 @@ def test_distinct_removes_duplicates_across_partitions():
     ("statement", "fragment"),
     [
         (select(func.count(distinct(sales.c.qty))), "DISTINCT"),
-        (select(sales.c.region).ext(distinct_on(sales.c.region)), "DISTINCT ON"),
+        (DISTINCT_ON, "DISTINCT ON"),
         (
             select(sales.c.region, func.count()).group_by(sales.c.region).having(func.count() > 1),
             "HAVING",
