@@ -514,17 +514,12 @@ def create_async_sharded_engine(
       for psycopg.
     :raises ConfigurationError: on any invalid setting or a non-asyncio driver.
     """
-    if isinstance(partitions, ShardedConfig):
-        if router is not None or engine_options or pool_options or lazy or fanout_workers:
-            raise ConfigurationError("pass either a ShardedConfig or keyword settings, not both")
-        config = partitions
-    else:
-        config = ShardedConfig.build(
-            partitions,
-            router=router,
-            engine_options=engine_options,
-            lazy=lazy,
-            fanout_workers=fanout_workers,
-            **pool_options,
-        )
+    config = ShardedConfig.build(
+        partitions,
+        router=router,
+        engine_options=engine_options,
+        lazy=lazy,
+        fanout_workers=fanout_workers,
+        **pool_options,
+    )
     return AsyncShardedEngine(config, require_all_partitions=require_all_partitions)

@@ -399,7 +399,7 @@ class ShardedConfig:
     @classmethod
     def build(
         cls,
-        partitions: PartitionsSpec,
+        partitions: PartitionsSpec | ShardedConfig,
         *,
         router: Any = None,
         engine_options: Mapping[str, Any] | None = None,
@@ -411,6 +411,8 @@ class ShardedConfig:
 
         :param partitions: ``{name: url}``, ``{name: {"url": ..., <pool options>}}``,
           or a sequence of :class:`Partition` objects or dicts with a ``name`` key.
+          A finished :class:`ShardedConfig` is returned as it is, and then no
+          other setting may be given.
         :param router: the router specification.
         :param engine_options: ``create_engine`` keywords for every partition.
         :param lazy: skip the warm-up.
@@ -418,6 +420,12 @@ class ShardedConfig:
         :param pool_options: default :class:`PoolSettings` options.
         :raises ConfigurationError: on any invalid value.
         """
+        if isinstance(partitions, ShardedConfig):
+            if router is not None or engine_options or pool_options or lazy or fanout_workers:
+                raise ConfigurationError(
+                    "pass either a ShardedConfig or keyword settings, not both"
+                )
+            return partitions
         _check_option_names(pool_options, _POOL_OPTIONS, None, "option")
         return cls(
             partitions=_parse_partitions(partitions),

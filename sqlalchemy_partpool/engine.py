@@ -741,19 +741,14 @@ def create_sharded_engine(
     :raises ConfigurationError: on any invalid setting, before connecting.
     :raises WarmupError: see ``require_all_partitions``.
     """
-    if isinstance(partitions, ShardedConfig):
-        if router is not None or engine_options or pool_options or lazy or fanout_workers:
-            raise ConfigurationError("pass either a ShardedConfig or keyword settings, not both")
-        config = partitions
-    else:
-        config = ShardedConfig.build(
-            partitions,
-            router=router,
-            engine_options=engine_options,
-            lazy=lazy,
-            fanout_workers=fanout_workers,
-            **pool_options,
-        )
+    config = ShardedConfig.build(
+        partitions,
+        router=router,
+        engine_options=engine_options,
+        lazy=lazy,
+        fanout_workers=fanout_workers,
+        **pool_options,
+    )
     sharded = ShardedEngine(config)
     if not config.lazy:
         errors = sharded.warm_up()

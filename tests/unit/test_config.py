@@ -95,6 +95,15 @@ def test_duplicate_names_are_rejected():
         build(partitions=[Partition.create("p0", URL0), Partition.create("p0", URL1)])
 
 
+def test_a_finished_config_is_taken_as_is_but_not_with_more_settings():
+    config = ShardedConfig.build({"p0": URL0}, max_connections=3)
+    assert ShardedConfig.build(config) is config
+    with pytest.raises(ConfigurationError, match="not both"):
+        ShardedConfig.build(config, max_connections=4)
+    with pytest.raises(ConfigurationError, match="not both"):
+        ShardedConfig.build(config, lazy=True)
+
+
 def test_no_partitions_is_an_error():
     with pytest.raises(ConfigurationError, match="no partitions"):
         build(partitions={})
