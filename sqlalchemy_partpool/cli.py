@@ -35,6 +35,7 @@ from typing import TextIO
 from sqlalchemy import text
 
 from . import migrate_cli, status
+from ._argtypes import positive_int, seconds
 from .config import ENV_CONFIG, ENV_PARTITIONS, ShardedConfig
 from .engine import ShardedEngine, create_sharded_engine
 from .errors import ConfigurationError, PartpoolError
@@ -222,28 +223,6 @@ def run_status(args: argparse.Namespace, out: TextIO) -> int:
         return 2
 
 
-def _seconds(value: str) -> float:
-    """An argparse type: a finite number of seconds greater than 0."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
-    if not (0 < seconds < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value!r}")
-    return seconds
-
-
-def _positive_int(value: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value!r}")
-    return number
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``partpool`` command."""
     parser = argparse.ArgumentParser(
@@ -270,16 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
     status_parser.add_argument("--json", action="store_true", help="print one JSON document")
     status_parser.add_argument(
         "--timeout",
-        type=_seconds,
+        type=seconds,
         metavar="SECONDS",
         help="bound on connecting, pinging and querying (default: the configured "
         "connect_timeout and ping_timeout)",
     )
     status_parser.add_argument(
-        "--watch", type=_seconds, metavar="SECONDS", help="repeat every SECONDS until Ctrl-C"
+        "--watch", type=seconds, metavar="SECONDS", help="repeat every SECONDS until Ctrl-C"
     )
     status_parser.add_argument(
-        "--count", type=_positive_int, metavar="N", help="with --watch: stop after N rounds"
+        "--count", type=positive_int, metavar="N", help="with --watch: stop after N rounds"
     )
     migrate = sub.add_parser(
         "migrate",

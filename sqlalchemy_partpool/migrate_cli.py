@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from ._argtypes import positive_int, seconds_or_zero
 from .migrate_commands import (
     COMMANDS,
     DEFAULT_ALEMBIC_CONFIG,
@@ -29,26 +30,6 @@ from .migrate_commands import (
 )
 
 __all__ = ["add_arguments", "run"]
-
-
-def _jobs(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value!r}")
-    return number
-
-
-def _seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
-    if not (0 <= seconds < float("inf")):
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value!r}")
-    return seconds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     migrating = argparse.ArgumentParser(add_help=False, parents=[common])
     migrating.add_argument(
         "--jobs",
-        type=_jobs,
+        type=positive_int,
         metavar="N",
         help="partitions migrated at once, each in a process of its own "
         "(default: CPUs, at most 4; 1 = one after another)",
@@ -91,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     migrating.add_argument(
         "--lock-timeout",
-        type=_seconds,
+        type=seconds_or_zero,
         metavar="SECONDS",
         help="wait this long for another run's lock on a partition (default: fail at once)",
     )
